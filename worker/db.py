@@ -1,0 +1,250 @@
+"""Database connection: engines, the database clock, transient-error retry,
+error translation and the schema check. The only module that knows drivers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Connection, Engine
+from tenacity import (
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from worker.errors import AccessDenied, ConfigError, DatabaseUnreachable, SchemaError
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DRIVERS = {
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+}
+
+# MySQL/MariaDB: deadlock, lock wait timeout, MariaDB's "record has changed".
+_MYSQL_TRANSIENT = {1213, 1205, 1020}
+_MYSQL_UNREACHABLE = {2002, 2003, 2005, 2006, 2013, 2055}
+_MYSQL_DENIED = {1044, 1045, 1049, 1698}
+# PostgreSQL: deadlock_detected, serialization_failure, lock_not_available.
+_PG_TRANSIENT = {"40P01", "40001", "55P03"}
+
+
+def parse_url(raw: str) -> URL:
+    try:
+        url = sa.make_url(raw)
+    except sa_exc.ArgumentError:
+        # Never echo the value: it may hold a password.
+        raise ConfigError(
+            "COLA_DATABASE_URL: not a valid SQLAlchemy URL (expected e.g. mysql+pymysql://user:pass@host/db)"
+        ) from None
+    if url.drivername in _DRIVERS:
+        url = url.set(drivername=_DRIVERS[url.drivername])
+    backend = url.get_backend_name()
+    if backend not in ("mysql", "mariadb", "postgresql", "sqlite"):
+        raise ConfigError(
+            f"COLA_DATABASE_URL: unsupported database {backend!r} (use mysql, mariadb, postgresql or sqlite)"
+        )
+    return url
+
+
+def create_engine_from_settings(settings: Settings, *, pool_size: int = 5) -> Engine:
+    return create_engine(settings.require_database_url(), pool_size=pool_size)
+
+
+def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
+    url = parse_url(raw_url)
+    backend = url.get_backend_name()
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend in ("mysql", "mariadb"):
+        # READ COMMITTED: under REPEATABLE READ gap locks made producers wait
+        # and claimers deadlock (DESIGN.md section 6).
+        kwargs["isolation_level"] = "READ COMMITTED"
+        kwargs["pool_size"] = pool_size
+        kwargs["max_overflow"] = pool_size
+        kwargs["pool_recycle"] = 3600
+        query = dict(url.query)
+        query.setdefault("charset", "utf8mb4")
+        url = url.set(query=query)
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    elif backend == "postgresql":
+        kwargs["isolation_level"] = "READ COMMITTED"
+        kwargs["pool_size"] = pool_size
+        kwargs["max_overflow"] = pool_size
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    else:  # sqlite: writes are serialised; wait for the writer instead of failing.
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    try:
+        engine = sa.create_engine(url, **kwargs)
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, TypeError) as exc:
+        raise ConfigError(f"COLA_DATABASE_URL: {type(exc).__name__}: cannot create an engine") from None
+
+    if backend == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+def _mysql_errno(exc: BaseException) -> int | None:
+    orig = getattr(exc, "orig", exc)
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0]
+    return None
+
+
+def _pg_sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "sqlstate", None)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Deadlocks and lock timeouts: roll back and run the whole short transaction again."""
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if _mysql_errno(exc) in _MYSQL_TRANSIENT:
+        return True
+    if _pg_sqlstate(exc) in _PG_TRANSIENT:
+        return True
+    return "database is locked" in str(getattr(exc, "orig", ""))
+
+
+def transaction(engine: Engine, fn: Callable[[Connection], T], *, attempts: int = 8) -> T:
+    """Run ``fn`` in one transaction; re-run it whole on deadlock/lock timeout (bounded)."""
+
+    @retry(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(attempts),
+        wait=wait_random_exponential(multiplier=0.02, max=1.0),
+        reraise=True,
+    )
+    def _once() -> T:
+        with engine.begin() as conn:
+            return fn(conn)
+
+    return _once()
+
+
+def translate_error(exc: BaseException) -> BaseException:
+    """A driver error becomes the project's own exception (exit 2 or 3)."""
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return exc
+    errno = _mysql_errno(exc)
+    text = str(getattr(exc, "orig", exc)).lower()
+    if (
+        errno in _MYSQL_DENIED
+        or "password authentication failed" in text
+        or ("role " in text and ("does not exist" in text))
+    ):
+        return AccessDenied(f"database access denied: {_safe(exc)}")
+    if "database" in text and "does not exist" in text:
+        return AccessDenied(f"database access denied: {_safe(exc)}")
+    if (
+        errno in _MYSQL_UNREACHABLE
+        or "connection refused" in text
+        or "could not connect" in text
+        or "connection failed" in text
+        or "timeout expired" in text
+        or "name or service not known" in text
+        or "unable to open database file" in text
+    ):
+        return DatabaseUnreachable(f"database unreachable: {_safe(exc)}")
+    return exc
+
+
+def _safe(exc: BaseException) -> str:
+    """The driver's message, first line only (it never contains the password)."""
+    orig = getattr(exc, "orig", exc)
+    return str(orig).strip().splitlines()[0][:300] if str(orig).strip() else type(orig).__name__
+
+
+def db_now(conn: Connection) -> dt.datetime:
+    """The database's clock (naive UTC, microseconds). Lease and heartbeat
+    decisions use it, so a host whose clock is off cannot take live rows."""
+    backend = conn.dialect.name
+    if backend in ("mysql", "mariadb"):
+        value = conn.execute(sa.text("SELECT UTC_TIMESTAMP(6)")).scalar_one()
+    elif backend == "postgresql":
+        value = conn.execute(sa.text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")).scalar_one()
+    else:  # sqlite is in-process: its clock is this host's clock
+        return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    assert isinstance(value, dt.datetime)
+    return value.replace(tzinfo=None)
+
+
+# --- migrations -------------------------------------------------------------
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("worker.migrations")))
+    cfg.attributes["configure_logging"] = False
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse (exit 2) a schema that is not at the latest migration."""
+    try:
+        with engine.connect() as conn:
+            current = current_revision(conn)
+    except sa_exc.DBAPIError as exc:
+        raise translate_error(exc) from exc
+    head = head_revision()
+    if current is None:
+        raise SchemaError("the database has no cola-worker schema: run `cola-worker db upgrade`")
+    if current != head:
+        raise SchemaError(
+            f"the schema is at {current}, not at the latest migration {head}: run `cola-worker db upgrade`"
+        )
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), revision)
