@@ -1,0 +1,20 @@
+"""Personal data in logs (DESIGN.md G7): phone numbers are masked, bodies never logged.
+
+Standard library only, so any module (the run, enqueue, the lock fast path) may use it.
+"""
+
+from __future__ import annotations
+
+_KEEP_HEAD = 3
+_KEEP_TAIL = 4
+
+
+def mask_phone(phone: str | None) -> str:
+    """``"+51987654321" -> "+51*****4321"``: keep the first 3 and the last 4
+    characters, star the rest. A value too short to hide anything that way is
+    starred whole, so a masked value never shows the full number."""
+    if not phone:
+        return ""
+    if len(phone) <= _KEEP_HEAD + _KEEP_TAIL:
+        return "*" * len(phone)
+    return phone[:_KEEP_HEAD] + "*" * (len(phone) - _KEEP_HEAD - _KEEP_TAIL) + phone[-_KEEP_TAIL:]

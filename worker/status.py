@@ -1,0 +1,350 @@
+"""Status: per-session counts by state, the age of the oldest pending row,
+live and dead runs, and the lock holder.
+
+Every age is measured by the database's clock (read in the same transaction as
+the counts), never by this host's, like the lease itself (DESIGN.md section 4).
+``collect_status`` is pure data (stable keys, ISO 8601 timestamps in UTC);
+``command_status`` renders it as a rich table or as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from worker import db
+from worker.errors import InputError
+from worker.schema import PENDIENTE, STATES, cola_envios, ejecuciones, sesiones_envio
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    """Naive UTC -> ISO 8601 with an explicit offset."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC).isoformat()
+
+
+def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    if then is None:
+        return None
+    return round(max(0.0, (now - then).total_seconds()), 3)
+
+
+def _zero_counts() -> dict[str, int]:
+    return dict.fromkeys(STATES, 0)
+
+
+def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[str, Any]:
+    now = db.db_now(conn)
+    cutoff = now - dt.timedelta(seconds=settings.lease_seconds)
+
+    sessions_q = sa.select(
+        sesiones_envio.c.id, sesiones_envio.c.nombre, sesiones_envio.c.estado, sesiones_envio.c.creado_at
+    ).order_by(sesiones_envio.c.id)
+    if session is not None:
+        sessions_q = sessions_q.where(sesiones_envio.c.nombre == session)
+    session_rows = conn.execute(sessions_q).all()
+    if session is not None and not session_rows:
+        raise InputError(f"--session: no session named {session!r}")
+    ids = [r.id for r in session_rows]
+
+    counts: dict[int, dict[str, int]] = {i: _zero_counts() for i in ids}
+    pending: dict[int, tuple[dt.datetime | None, int, dt.datetime | None]] = {}
+    if ids:
+        by_state = (
+            sa.select(cola_envios.c.sesion_id, cola_envios.c.estado, sa.func.count().label("n"))
+            .where(cola_envios.c.sesion_id.in_(ids))
+            .group_by(cola_envios.c.sesion_id, cola_envios.c.estado)
+        )
+        for r in conn.execute(by_state):
+            counts[r.sesion_id][r.estado] = counts[r.sesion_id].get(r.estado, 0) + int(r.n)
+        due = cola_envios.c.proximo_intento_at <= now
+        pending_q = (
+            sa.select(
+                cola_envios.c.sesion_id,
+                sa.func.min(cola_envios.c.creado_at).label("oldest"),
+                sa.func.sum(sa.case((due, 1), else_=0)).label("due_now"),
+                sa.func.min(sa.case((due, cola_envios.c.proximo_intento_at), else_=None)).label("oldest_due"),
+            )
+            .where(cola_envios.c.sesion_id.in_(ids), cola_envios.c.estado == PENDIENTE)
+            .group_by(cola_envios.c.sesion_id)
+        )
+        for r in conn.execute(pending_q):
+            pending[r.sesion_id] = (
+                _as_datetime(r.oldest),
+                int(r.due_now or 0),
+                _as_datetime(r.oldest_due),
+            )
+
+    sessions: list[dict[str, Any]] = []
+    totals = _zero_counts()
+    total_due = 0
+    oldest_all: dt.datetime | None = None
+    oldest_due_all: dt.datetime | None = None
+    for r in session_rows:
+        oldest, due_now, oldest_due = pending.get(r.id, (None, 0, None))
+        for state, n in counts[r.id].items():
+            totals[state] = totals.get(state, 0) + n
+        total_due += due_now
+        oldest_all = _min(oldest_all, oldest)
+        oldest_due_all = _min(oldest_due_all, oldest_due)
+        sessions.append(
+            {
+                "id": int(r.id),
+                "name": r.nombre,
+                "state": r.estado,
+                "created_at": _iso(r.creado_at),
+                "counts": counts[r.id],
+                "total": sum(counts[r.id].values()),
+                "oldest_pending_age_seconds": _age(now, oldest),
+                "due_now": due_now,
+                "oldest_due_age_seconds": _age(now, oldest_due),
+            }
+        )
+
+    open_runs = ejecuciones.c.finalizada_at.is_(None)
+    live_q = (
+        sa.select(ejecuciones)
+        .where(open_runs, ejecuciones.c.latido_at >= cutoff)
+        .order_by(ejecuciones.c.iniciada_at, ejecuciones.c.id)
+    )
+    live_runs = [
+        {
+            "id": int(r.id),
+            "host": r.host,
+            "pid": int(r.pid),
+            "mode": r.modo,
+            "state": r.estado,
+            "started_at": _iso(r.iniciada_at),
+            "heartbeat_at": _iso(r.latido_at),
+            "heartbeat_age_seconds": _age(now, r.latido_at),
+            "counts": {
+                "claimed": int(r.reclamados),
+                "sent": int(r.enviados),
+                "errors": int(r.errores),
+                "uncertain": int(r.inciertos),
+                "retries": int(r.reintentos),
+            },
+        }
+        for r in conn.execute(live_q)
+    ]
+    dead_runs = conn.execute(
+        sa.select(sa.func.count()).select_from(ejecuciones).where(open_runs, ejecuciones.c.latido_at < cutoff)
+    ).scalar_one()
+
+    return {
+        "generated_at": _iso(now),
+        "lease_seconds": settings.lease_seconds,
+        "sessions": sessions,
+        "totals": {
+            "counts": totals,
+            "total": sum(totals.values()),
+            "oldest_pending_age_seconds": _age(now, oldest_all),
+            "due_now": total_due,
+            "oldest_due_age_seconds": _age(now, oldest_due_all),
+        },
+        "live_runs": live_runs,
+        "dead_runs": int(dead_runs),
+    }
+
+
+def _as_datetime(value: Any) -> dt.datetime | None:
+    # Aggregates over a CASE lose the column type on some dialects (SQLite returns text).
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value))
+
+
+def _min(a: dt.datetime | None, b: dt.datetime | None) -> dt.datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def collect_status(
+    engine: Engine,
+    settings: Settings,
+    lock_holder: dict[str, Any] | None,
+    *,
+    session: str | None = None,
+) -> dict[str, Any]:
+    """The status as plain data (JSON-ready, stable keys). ``lock_holder`` is
+    what the CLI read from the lock file (None: nobody holds it / unknown)."""
+    try:
+        data = db.transaction(engine, lambda conn: _collect(conn, settings, session))
+    except sa_exc.DBAPIError as exc:
+        translated = db.translate_error(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
+    data["lock_holder"] = lock_holder
+    return data
+
+
+# --- rendering --------------------------------------------------------------
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 120:
+        return f"{seconds:.0f}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def render(data: dict[str, Any]) -> Any:
+    """A rich renderable (a group of tables) for a terminal."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    sessions = Table(title=f"cola-worker status at {data['generated_at']}", title_justify="left")
+    sessions.add_column("id", justify="right")
+    sessions.add_column("session")
+    sessions.add_column("state")
+    for state in STATES:
+        sessions.add_column(state, justify="right")
+    sessions.add_column("due now", justify="right")
+    sessions.add_column("oldest pending", justify="right")
+    sessions.add_column("oldest due", justify="right")
+    for s in data["sessions"]:
+        sessions.add_row(
+            str(s["id"]),
+            s["name"],
+            s["state"],
+            *(str(s["counts"][state]) for state in STATES),
+            str(s["due_now"]),
+            _fmt_age(s["oldest_pending_age_seconds"]),
+            _fmt_age(s["oldest_due_age_seconds"]),
+        )
+    t = data["totals"]
+    sessions.add_section()
+    sessions.add_row(
+        "",
+        "total",
+        "",
+        *(str(t["counts"][state]) for state in STATES),
+        str(t["due_now"]),
+        _fmt_age(t["oldest_pending_age_seconds"]),
+        _fmt_age(t["oldest_due_age_seconds"]),
+    )
+
+    runs = Table(title=f"live runs (heartbeat within {data['lease_seconds']:g}s)", title_justify="left")
+    for name in (
+        "id",
+        "host",
+        "pid",
+        "mode",
+        "started",
+        "heartbeat age",
+        "claimed",
+        "sent",
+        "errors",
+        "uncertain",
+    ):
+        runs.add_column(name, justify="right" if name not in ("host", "mode", "started") else "left")
+    for r in data["live_runs"]:
+        c = r["counts"]
+        runs.add_row(
+            str(r["id"]),
+            r["host"],
+            str(r["pid"]),
+            r["mode"],
+            r["started_at"],
+            _fmt_age(r["heartbeat_age_seconds"]),
+            str(c["claimed"]),
+            str(c["sent"]),
+            str(c["errors"]),
+            str(c["uncertain"]),
+        )
+
+    parts: list[Any] = [sessions, runs]
+    dead = data["dead_runs"]
+    if dead:
+        parts.append(
+            Text(
+                f"{dead} run(s) silent past the lease and not finished: `cola-worker recover` "
+                "(every run also recovers first)",
+                style="bold red",
+            )
+        )
+    else:
+        parts.append(Text("dead runs: 0"))
+    holder = data.get("lock_holder")
+    if holder:
+        parts.append(Text("lock holder: " + ", ".join(f"{k}={v}" for k, v in holder.items())))
+    else:
+        parts.append(Text("lock holder: none"))
+    return Group(*parts)
+
+
+def command_status(args: argparse.Namespace, settings: Settings) -> int:
+    """``cola-worker status [--session NAME] [--json] [--watch N]``.
+
+    ``--watch N`` refreshes every N seconds until Ctrl-C (with ``--json``: one
+    JSON object per line). The lock holder is ``args.lock_holder`` when the CLI
+    set it."""
+    session: str | None = getattr(args, "session", None)
+    as_json = bool(getattr(args, "json", False))
+    watch: float | None = getattr(args, "watch", None)
+    lock_holder: dict[str, Any] | None = getattr(args, "lock_holder", None)
+    if watch is not None and watch <= 0:
+        raise InputError("--watch: the refresh interval must be more than 0 seconds")
+
+    engine = db.create_engine_from_settings(settings, pool_size=1)
+    try:
+        db.check_schema(engine)
+
+        def snapshot() -> dict[str, Any]:
+            return collect_status(engine, settings, lock_holder, session=session)
+
+        if as_json:
+            print(json.dumps(snapshot()), flush=True)
+            if watch is not None:
+                try:
+                    while True:
+                        time.sleep(watch)
+                        print(json.dumps(snapshot()), flush=True)
+                except KeyboardInterrupt:
+                    pass
+            return 0
+
+        from rich.console import Console
+
+        console = Console()
+        if watch is None:
+            console.print(render(snapshot()))
+            return 0
+        from rich.live import Live
+
+        try:
+            with Live(render(snapshot()), console=console, auto_refresh=False, screen=False) as live:
+                while True:
+                    time.sleep(watch)
+                    live.update(render(snapshot()), refresh=True)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        engine.dispose()
+
+
+__all__ = ["collect_status", "command_status", "render"]
