@@ -1,0 +1,86 @@
+"""Provider limits inside one process (G5).
+
+- :class:`RateLimiter`: a token bucket of ``rate`` messages/s. Its capacity is
+  one token, so sends are spaced at least ``1/rate`` apart and no window of
+  any length holds more than ``rate * window + 1`` of them. A sender throttle
+  halves the rate and pauses the bucket.
+- :class:`PairGate`: never two messages in flight to one recipient, and the
+  next one starts at least ``interval`` seconds after the previous one ended.
+
+Both are driven by the run's dispatcher thread and take the time as an
+argument, so tests need no sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RateLimiter:
+    rate: float
+    min_rate: float = 0.5
+    _next: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def try_acquire(self, now: float) -> bool:
+        """Take a token if one is available at ``now``."""
+        with self._lock:
+            if now < self._next:
+                return False
+            self._next = max(now, self._next) + 1.0 / self.rate
+            return True
+
+    def ready_at(self) -> float:
+        with self._lock:
+            return self._next
+
+    def throttled(self, now: float, retry_after: float | None) -> None:
+        """The provider said we send too fast: halve the rate and pause."""
+        with self._lock:
+            self.rate = max(self.min_rate, self.rate / 2)
+            pause = retry_after if retry_after and retry_after > 0 else 1.0
+            self._next = max(self._next, now + pause)
+
+
+@dataclass
+class PairGate:
+    interval: float
+    _busy: set[str] = field(default_factory=set)
+    _ready: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def ready_at(self, recipient: str, now: float) -> float | None:
+        """When ``recipient`` may get the next message: ``None`` while one is in flight."""
+        with self._lock:
+            if recipient in self._busy:
+                return None
+            return max(now, self._ready.get(recipient, now))
+
+    def can_start(self, recipient: str, now: float) -> bool:
+        ready = self.ready_at(recipient, now)
+        return ready is not None and ready <= now
+
+    def start(self, recipient: str) -> None:
+        with self._lock:
+            if recipient in self._busy:
+                raise RuntimeError("a message to this recipient is already in flight")
+            self._busy.add(recipient)
+
+    def finish(self, recipient: str, now: float, extra_wait: float = 0.0) -> None:
+        """The request ended (whatever the answer): the next one waits ``interval``
+        (or ``extra_wait``, when the provider asked for more) from now."""
+        with self._lock:
+            self._busy.discard(recipient)
+            self._ready[recipient] = max(
+                self._ready.get(recipient, 0.0), now + max(self.interval, extra_wait)
+            )
+            if len(self._ready) > 10000:  # forget recipients whose wait is long over
+                for key in [k for k, t in self._ready.items() if t < now and k not in self._busy]:
+                    del self._ready[key]
+
+    def cancel(self, recipient: str) -> None:
+        """A start that did not happen (the fence lost the row): no wait added."""
+        with self._lock:
+            self._busy.discard(recipient)

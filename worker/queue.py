@@ -1,0 +1,442 @@
+"""The queue repository: every SQL statement the run executes, in one place.
+
+Each public method is one short transaction (re-run whole on deadlock or lock
+wait timeout). The claim follows DESIGN.md sections 1 and 6:
+
+1. ``SELECT id ... WHERE estado='pendiente' AND proximo_intento_at <= now
+   ORDER BY proximo_intento_at, id LIMIT n FOR UPDATE SKIP LOCKED`` walks the
+   claim index ``(estado, proximo_intento_at, id)`` with no filesort;
+2. ``UPDATE ... SET estado='procesando', claim_token=? ... WHERE id IN (...)
+   AND estado='pendiente'``; only rows that then carry our token are ours.
+
+Every later write is conditional on ``claim_token`` and ``estado`` (G1): a write
+that matches 0 rows means the run lost the row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from worker import db
+from worker.schema import (
+    ACTIVA,
+    CANCELADO,
+    ENVIADO,
+    ENVIANDO,
+    ERROR,
+    INCIERTO,
+    PENDIENTE,
+    PROCESANDO,
+    cola_envios,
+    ejecuciones,
+    envios_whatsapp,
+    intentos_envio,
+    sesiones_envio,
+)
+
+logger = logging.getLogger(__name__)
+
+c = cola_envios.c
+e = ejecuciones.c
+
+RUN_ACTIVE = "activa"
+RUN_FINISHED = "terminada"
+RUN_FAILED = "fallida"
+RUN_DEAD = "muerta"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    id: int
+    sesion_id: int
+    cliente_id: str
+    cliente_nombre: str | None
+    telefono: str
+    remitente: str | None
+    tipo: str
+    payload: dict[str, Any]
+    intentos: int
+    max_intentos: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    runs: int
+    requeued: int  # procesando -> pendiente
+    uncertain: int  # enviando -> incierto
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to write for one provider answer."""
+
+    estado: str  # the row's new state
+    resultado: str  # the journal's outcome name
+    spend_attempt: bool
+    delay: float | None = None  # seconds until the next attempt (pendiente)
+    code: str | None = None
+    text: str | None = None
+    http_status: int | None = None
+    message_id: str | None = None
+
+
+_ROW_COLUMNS = (
+    c.id,
+    c.sesion_id,
+    c.cliente_id,
+    c.cliente_nombre,
+    c.telefono,
+    c.remitente,
+    c.tipo,
+    c.payload,
+    c.intentos,
+    c.max_intentos,
+)
+
+
+def _row(r: Any) -> ClaimedRow:
+    try:
+        payload = json.loads(r.payload)
+    except ValueError:
+        payload = {}
+    return ClaimedRow(
+        id=int(r.id),
+        sesion_id=int(r.sesion_id),
+        cliente_id=r.cliente_id,
+        cliente_nombre=r.cliente_nombre,
+        telefono=r.telefono,
+        remitente=r.remitente,
+        tipo=r.tipo,
+        payload=payload if isinstance(payload, dict) else {},
+        intentos=int(r.intentos),
+        max_intentos=int(r.max_intentos),
+    )
+
+
+class QueueRepository:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- runs ---------------------------------------------------------------
+
+    def register_run(self, host: str, pid: int, mode: str) -> int:
+        def tx(conn: Connection) -> int:
+            now = db.db_now(conn)
+            res = conn.execute(
+                ejecuciones.insert().values(
+                    host=host[:255], pid=pid, modo=mode, iniciada_at=now, latido_at=now, estado=RUN_ACTIVE
+                )
+            )
+            pk = res.inserted_primary_key
+            assert pk is not None
+            return int(pk[0])
+
+        return db.transaction(self.engine, tx)
+
+    def heartbeat(self, run_id: int, counts: dict[str, int] | None = None) -> bool:
+        """False when the run was declared dead by a recovery (it must stop)."""
+
+        def tx(conn: Connection) -> bool:
+            now = db.db_now(conn)
+            values: dict[str, Any] = {"latido_at": now}
+            if counts:
+                values.update(counts)
+            res = conn.execute(
+                ejecuciones.update().where(e.id == run_id, e.estado == RUN_ACTIVE).values(**values)
+            )
+            return res.rowcount == 1
+
+        return db.transaction(self.engine, tx)
+
+    def finish_run(self, run_id: int, estado: str, counts: dict[str, int]) -> None:
+        def tx(conn: Connection) -> None:
+            now = db.db_now(conn)
+            conn.execute(
+                ejecuciones.update()
+                .where(e.id == run_id, e.finalizada_at.is_(None))
+                .values(finalizada_at=now, latido_at=now, estado=estado, **counts)
+            )
+
+        db.transaction(self.engine, tx)
+
+    def db_clock_offset(self) -> dt.timedelta:
+        """Database clock minus this host's UTC clock."""
+        with self.engine.connect() as conn:
+            return db.db_now(conn) - dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+    # --- recovery -----------------------------------------------------------
+
+    def recover(self, lease_seconds: float) -> Recovered:
+        """Rows of runs silent for longer than the lease (on the database's
+        clock): ``procesando -> pendiente`` (nothing was sent), ``enviando ->
+        incierto`` (maybe sent). A live run's rows are never taken: the run is
+        first marked dead with an UPDATE guarded by its heartbeat age, and only
+        rows of runs so marked (or already finished) are touched."""
+
+        def tx(conn: Connection) -> Recovered:
+            now = db.db_now(conn)
+            cutoff = now - dt.timedelta(seconds=lease_seconds)
+            dead = conn.execute(
+                ejecuciones.update()
+                .where(e.finalizada_at.is_(None), e.estado == RUN_ACTIVE, e.latido_at < cutoff)
+                .values(estado=RUN_DEAD, finalizada_at=now)
+            ).rowcount
+            # Owners that are not live: dead (now or before) or finished.
+            not_live = sa.select(e.id).where(e.estado != RUN_ACTIVE).scalar_subquery()
+            orphan = sa.or_(c.ejecucion_id.is_(None), c.ejecucion_id.in_(not_live))
+            requeued = conn.execute(
+                cola_envios.update()
+                .where(c.estado == PROCESANDO, orphan)
+                .values(estado=PENDIENTE, claim_token=None, ejecucion_id=None, actualizado_at=now)
+            ).rowcount
+            uncertain = conn.execute(
+                cola_envios.update()
+                .where(c.estado == ENVIANDO, orphan)
+                .values(
+                    estado=INCIERTO,
+                    claim_token=None,
+                    error_codigo="run_died",
+                    error_texto="the run died between the request and recording its answer",
+                    actualizado_at=now,
+                )
+            ).rowcount
+            return Recovered(runs=dead, requeued=requeued, uncertain=uncertain)
+
+        return db.transaction(self.engine, tx)
+
+    # --- claim --------------------------------------------------------------
+
+    def inactive_session_ids(self, conn: Connection) -> list[int]:
+        rows = conn.execute(sa.select(sesiones_envio.c.id).where(sesiones_envio.c.estado != ACTIVA))
+        return [int(r[0]) for r in rows]
+
+    def session_id(self, name: str) -> int | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(sesiones_envio.c.id).where(sesiones_envio.c.nombre == name)
+            ).scalar_one_or_none()
+            return int(value) if value is not None else None
+
+    def _due_select(self, now: dt.datetime, limit: int, session_id: int | None, inactive: list[int]) -> Any:
+        sel = sa.select(c.id).where(c.estado == PENDIENTE, c.proximo_intento_at <= now)
+        if session_id is not None:
+            sel = sel.where(c.sesion_id == session_id)
+        if inactive:
+            # Paused/cancelled sessions, read beforehand: a join here would lock
+            # the session rows and make every claimer wait on them.
+            sel = sel.where(c.sesion_id.not_in(inactive))
+        return sel.order_by(c.proximo_intento_at, c.id).limit(limit)
+
+    def claim_statement(self, now: dt.datetime, limit: int, session_id: int | None = None) -> Any:
+        return self._due_select(now, limit, session_id, []).with_for_update(skip_locked=True)
+
+    def claim(self, run_id: int, token: str, limit: int, session_id: int | None = None) -> list[ClaimedRow]:
+        def tx(conn: Connection) -> list[ClaimedRow]:
+            inactive = self.inactive_session_ids(conn)
+            now = db.db_now(conn)
+            sel = self._due_select(now, limit, session_id, inactive).with_for_update(skip_locked=True)
+            ids = [int(r[0]) for r in conn.execute(sel)]
+            if not ids:
+                return []
+            conn.execute(
+                cola_envios.update()
+                .where(c.id.in_(ids), c.estado == PENDIENTE)
+                .values(
+                    estado=PROCESANDO,
+                    claim_token=token,
+                    ejecucion_id=run_id,
+                    reclamado_at=now,
+                    actualizado_at=now,
+                )
+            )
+            # Only rows carrying our token are ours (on SQLite another process
+            # may have taken some between our SELECT and UPDATE).
+            rows = conn.execute(
+                sa.select(*_ROW_COLUMNS)
+                .where(c.id.in_(ids), c.claim_token == token, c.estado == PROCESANDO)
+                .order_by(c.proximo_intento_at, c.id)
+            )
+            return [_row(r) for r in rows]
+
+        return db.transaction(self.engine, tx)
+
+    def preview(self, limit: int, session_id: int | None = None) -> list[ClaimedRow]:
+        """What a run would claim now (no lock, no write): for --dry-run."""
+        with self.engine.connect() as conn:
+            inactive = self.inactive_session_ids(conn)
+            now = db.db_now(conn)
+            ids_sel = self._due_select(now, limit, session_id, inactive)
+            ids = [int(r[0]) for r in conn.execute(ids_sel)]
+            if not ids:
+                return []
+            rows = conn.execute(
+                sa.select(*_ROW_COLUMNS).where(c.id.in_(ids)).order_by(c.proximo_intento_at, c.id)
+            )
+            return [_row(r) for r in rows]
+
+    # --- fence --------------------------------------------------------------
+
+    def fence(self, token: str, ids: Sequence[int]) -> tuple[set[int], set[int]]:
+        """Move a wave ``procesando -> enviando`` (committed) just before the
+        requests. Returns (fenced ids, expired ids). Rows past ``enviar_hasta``
+        are cancelled as expired instead: never sent late."""
+        if not ids:
+            return set(), set()
+
+        def tx(conn: Connection) -> tuple[set[int], set[int]]:
+            now = db.db_now(conn)
+            mine = sa.and_(c.id.in_(list(ids)), c.claim_token == token, c.estado == PROCESANDO)
+            expired = {
+                int(r[0])
+                for r in conn.execute(
+                    sa.select(c.id).where(mine, c.enviar_hasta.is_not(None), c.enviar_hasta < now)
+                )
+            }
+            if expired:
+                conn.execute(
+                    cola_envios.update()
+                    .where(c.id.in_(expired), c.claim_token == token, c.estado == PROCESANDO)
+                    .values(
+                        estado=CANCELADO,
+                        claim_token=None,
+                        error_codigo="expired",
+                        error_texto="expired: enviar_hasta passed before it could be sent",
+                        actualizado_at=now,
+                    )
+                )
+            rest = [i for i in ids if i not in expired]
+            if not rest:
+                return set(), expired
+            matched = conn.execute(
+                cola_envios.update()
+                .where(c.id.in_(rest), c.claim_token == token, c.estado == PROCESANDO)
+                .values(estado=ENVIANDO, actualizado_at=now)
+            ).rowcount
+            if matched == len(rest):
+                return set(rest), expired
+            fenced = {
+                int(r[0])
+                for r in conn.execute(
+                    sa.select(c.id).where(c.id.in_(rest), c.claim_token == token, c.estado == ENVIANDO)
+                )
+            }
+            return fenced, expired
+
+        return db.transaction(self.engine, tx)
+
+    # --- outcomes -----------------------------------------------------------
+
+    def record(
+        self,
+        row: ClaimedRow,
+        token: str,
+        run_id: int,
+        provider: str,
+        outcome: Outcome,
+        started_at: dt.datetime,
+        latency_ms: int,
+    ) -> bool:
+        """Write one provider answer. The row update is conditional on our
+        token and ``enviando``; the attempt journal is written either way (it
+        records what the provider did, even for a row we lost). Returns False
+        when the row was no longer ours."""
+
+        def tx(conn: Connection) -> bool:
+            now = db.db_now(conn)
+            values: dict[str, Any] = {"estado": outcome.estado, "actualizado_at": now}
+            attempts = row.intentos + (1 if outcome.spend_attempt else 0)
+            values["intentos"] = attempts
+            if outcome.estado == ENVIADO:
+                values.update(
+                    enviado_at=now,
+                    proveedor=provider,
+                    proveedor_msg_id=outcome.message_id,
+                    error_codigo=None,
+                    error_texto=None,
+                )
+            elif outcome.estado == PENDIENTE:
+                values.update(claim_token=None, ejecucion_id=None)
+                if outcome.delay is not None:
+                    values["proximo_intento_at"] = now + dt.timedelta(seconds=outcome.delay)
+                if outcome.code is not None or outcome.text is not None:
+                    values.update(error_codigo=outcome.code, error_texto=_clip(outcome.text))
+            else:  # error, incierto
+                values.update(proveedor=provider, error_codigo=outcome.code, error_texto=_clip(outcome.text))
+            owned = (
+                conn.execute(
+                    cola_envios.update()
+                    .where(c.id == row.id, c.claim_token == token, c.estado == ENVIANDO)
+                    .values(**values)
+                ).rowcount
+                == 1
+            )
+            if owned and outcome.estado == ENVIADO:
+                conn.execute(
+                    envios_whatsapp.insert().values(
+                        cola_envio_id=row.id,
+                        sesion_id=row.sesion_id,
+                        cliente_id=row.cliente_id,
+                        telefono=row.telefono,
+                        proveedor=provider,
+                        proveedor_msg_id=outcome.message_id,
+                        fecha_envio=now,
+                    )
+                )
+            conn.execute(
+                intentos_envio.insert().values(
+                    cola_envio_id=row.id,
+                    ejecucion_id=run_id,
+                    inicio_at=started_at,
+                    fin_at=now,
+                    resultado=outcome.resultado,
+                    http_status=outcome.http_status,
+                    codigo=outcome.code,
+                    latencia_ms=latency_ms,
+                    proveedor_msg_id=outcome.message_id,
+                )
+            )
+            return owned
+
+        return db.transaction(self.engine, tx)
+
+    def release(self, token: str, ids: Sequence[int]) -> int:
+        """Give back claimed rows that were not sent (``procesando -> pendiente``)."""
+        if not ids:
+            return 0
+
+        def tx(conn: Connection) -> int:
+            now = db.db_now(conn)
+            return int(
+                conn.execute(
+                    cola_envios.update()
+                    .where(c.id.in_(list(ids)), c.claim_token == token, c.estado == PROCESANDO)
+                    .values(estado=PENDIENTE, claim_token=None, ejecucion_id=None, actualizado_at=now)
+                ).rowcount
+            )
+
+        return db.transaction(self.engine, tx)
+
+
+def _clip(text: str | None, limit: int = 1000) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+__all__ = [
+    "CANCELADO",
+    "ERROR",
+    "INCIERTO",
+    "ClaimedRow",
+    "Outcome",
+    "QueueRepository",
+    "Recovered",
+]

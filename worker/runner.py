@@ -1,0 +1,617 @@
+"""The run: recover, claim in batches, fence, send concurrently, record, exit.
+
+Three parts, as in procrastinate's worker: fetching (``_claim_more``), running
+a job (``_send_one``, in a thread pool) and saving its outcome
+(``QueueRepository.record``). The dispatcher (the main thread) owns the local
+queue, the rate limiter and the pair gate; rows move to ``enviando`` only once
+their rate and pair slots are granted, in one fence UPDATE per wave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from worker import db
+from worker.errors import ConfigError, SenderBlockedError, UsageError
+from worker.limits import PairGate, RateLimiter
+from worker.masking import mask_phone
+from worker.providers.base import (
+    Accepted,
+    Ambiguous,
+    Permanent,
+    Provider,
+    Retryable,
+    SenderBlocked,
+    SendRequest,
+    SendResult,
+    Throttled,
+)
+from worker.queue import (
+    RUN_FAILED,
+    RUN_FINISHED,
+    ClaimedRow,
+    Outcome,
+    QueueRepository,
+)
+from worker.retry import RetryPolicy
+from worker.schema import ENVIADO, ERROR, INCIERTO, PENDIENTE
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunCounts:
+    claimed: int = 0
+    sent: int = 0
+    retried: int = 0
+    throttled: int = 0
+    failed: int = 0
+    uncertain: int = 0
+    expired: int = 0
+    lost: int = 0
+    released: int = 0
+    record_errors: int = 0
+
+    def as_db(self) -> dict[str, int]:
+        return {
+            "reclamados": self.claimed,
+            "enviados": self.sent,
+            "errores": self.failed,
+            "inciertos": self.uncertain,
+            "reintentos": self.retried + self.throttled,
+        }
+
+
+@dataclass
+class RunResult:
+    counts: RunCounts
+    sender_blocked: SenderBlocked | None = None
+    stopped_by_signal: bool = False
+    lost_lease: bool = False
+    exit_code: int = 0
+
+
+def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_interval: float) -> Outcome:
+    """DESIGN.md section 3: the provider's result decides the row."""
+    if isinstance(result, Accepted):
+        return Outcome(
+            ENVIADO, "accepted", True, message_id=result.message_id, http_status=result.http_status
+        )
+    if isinstance(result, Throttled):
+        floor = pair_interval if result.scope == "recipient" else 1.0
+        return Outcome(
+            PENDIENTE,
+            "throttled",
+            False,
+            delay=policy.throttle_delay(result.retry_after, floor),
+            code=result.code,
+            text=result.text,
+            http_status=result.http_status,
+        )
+    if isinstance(result, Retryable):
+        spent = row.intentos + 1
+        if spent >= row.max_intentos:
+            return Outcome(
+                ERROR,
+                "retryable",
+                True,
+                code=result.code,
+                text=f"attempts exhausted ({spent}/{row.max_intentos}): {result.text or 'retryable error'}",
+                http_status=result.http_status,
+            )
+        delay = max(policy.backoff(spent), result.retry_after or 0.0)
+        return Outcome(
+            PENDIENTE,
+            "retryable",
+            True,
+            delay=delay,
+            code=result.code,
+            text=result.text,
+            http_status=result.http_status,
+        )
+    if isinstance(result, Permanent):
+        return Outcome(
+            ERROR, "permanent", True, code=result.code, text=result.text, http_status=result.http_status
+        )
+    if isinstance(result, SenderBlocked):
+        # Definitely not accepted: back to pendiente untouched (no attempt, no delay).
+        return Outcome(PENDIENTE, "sender_blocked", False, code=result.code, text=result.text)
+    assert isinstance(result, Ambiguous)
+    return Outcome(
+        INCIERTO, "ambiguous", True, code=result.code, text=result.text, http_status=result.http_status
+    )
+
+
+def build_request(row: ClaimedRow) -> SendRequest:
+    p = row.payload
+    if row.tipo == "template":
+        params = p.get("params") or []
+        return SendRequest(
+            job_id=str(row.id),
+            to=row.telefono,
+            sender=row.remitente,
+            kind="template",
+            template=str(p.get("template") or ""),
+            language=str(p.get("language") or ""),
+            params=tuple(str(x) for x in params),
+        )
+    return SendRequest(
+        job_id=str(row.id), to=row.telefono, sender=row.remitente, kind="text", text=str(p.get("text") or "")
+    )
+
+
+@dataclass
+class _Sent:
+    row: ClaimedRow
+    outcome: Outcome | None
+    result: SendResult | None
+    latency_ms: int
+    owned: bool
+    error: BaseException | None = None
+
+
+@dataclass
+class Runner:
+    settings: Settings
+    repo: QueueRepository
+    provider: Provider
+    provider_name: str
+    session_id: int | None = None
+    mode: str = "run"
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    clock: Any = time.monotonic
+
+    def __post_init__(self) -> None:
+        self.policy = RetryPolicy(self.settings.backoff_base, self.settings.backoff_max)
+        self.rate = RateLimiter(self.settings.rate_limit)
+        self.pairs = PairGate(self.settings.pair_interval)
+        self.counts = RunCounts()
+        self.run_id = 0
+        self._done_n = 0
+        self._blocked: SenderBlocked | None = None
+        self._lost_lease = False
+        self._offset = dt.timedelta(0)
+        self._count_lock = threading.Lock()
+        self._hb_stop = threading.Event()
+        self._signalled = False
+
+    # --- the run ------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        s = self.settings
+        self.run_id = self.repo.register_run(socket.gethostname(), os.getpid(), self.mode)
+        self._offset = self.repo.db_clock_offset()
+        logger.info(
+            "run %s started: pid %s, host %s, provider %s, max-jobs %s, max-seconds %g, concurrency %s, "
+            "rate %g/s, pair interval %gs, lease %gs",
+            self.run_id,
+            os.getpid(),
+            socket.gethostname(),
+            self.provider_name,
+            s.max_jobs or "unlimited",
+            s.max_seconds,
+            s.concurrency,
+            s.rate_limit,
+            s.pair_interval,
+            s.lease_seconds,
+            extra={"action": "run_start", "run": self.run_id},
+        )
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        estado = RUN_FAILED
+        try:
+            rec = self.repo.recover(s.lease_seconds)
+            if rec.runs or rec.requeued or rec.uncertain:
+                logger.warning(
+                    "recovered %d dead run(s): %d row(s) back to pendiente, %d to incierto",
+                    rec.runs,
+                    rec.requeued,
+                    rec.uncertain,
+                    extra={"action": "recover"},
+                )
+            self._dispatch()
+            estado = RUN_FINISHED
+        finally:
+            self.stop_event.set()
+            self._hb_stop.set()
+            heartbeat.join(timeout=5)
+            self.repo.finish_run(self.run_id, estado, self.counts.as_db())
+        code = 0
+        if self._blocked is not None:
+            code = SenderBlockedError.exit_code
+        elif self.counts.record_errors:
+            code = 1
+        result = RunResult(
+            counts=self.counts,
+            sender_blocked=self._blocked,
+            stopped_by_signal=self._signalled,
+            lost_lease=self._lost_lease,
+            exit_code=code,
+        )
+        c = self.counts
+        logger.info(
+            "run %s ended: claimed %d, sent %d, retry later %d, throttled %d, error %d, incierto %d, "
+            "expired %d, released %d, lost %d%s",
+            self.run_id,
+            c.claimed,
+            c.sent,
+            c.retried,
+            c.throttled,
+            c.failed,
+            c.uncertain,
+            c.expired,
+            c.released,
+            c.lost,
+            " (stopped by signal)" if self._signalled else "",
+            extra={"action": "run_end", "run": self.run_id, "counts": c.__dict__},
+        )
+        return result
+
+    def request_stop(self, reason: str = "signal") -> None:
+        if reason == "signal":
+            self._signalled = True
+        self.stop_event.set()
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.2, self.settings.lease_seconds / 4)  # at least three beats per lease
+        while not self._hb_stop.wait(interval):
+            try:
+                alive = self.repo.heartbeat(self.run_id)
+            except Exception:
+                logger.exception("heartbeat failed", extra={"action": "heartbeat"})
+                continue
+            if not alive:
+                logger.error(
+                    "this run was declared dead by a recovery (heartbeat older than the lease): stopping",
+                    extra={"action": "lost_lease"},
+                )
+                self._lost_lease = True
+                self.stop_event.set()
+                return
+
+    # --- dispatcher ---------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        s = self.settings
+        # --loop stays up until SIGTERM: the per-run caps do not apply.
+        looping = self.mode == "loop"
+        deadline = float("inf") if looping else self.clock() + s.max_seconds
+        pending: deque[tuple[ClaimedRow, str]] = deque()
+        inflight: dict[Future[_Sent], tuple[ClaimedRow, str]] = {}
+        exhausted = False  # the queue had nothing more due (burst mode ends)
+        last_poll = -1e9
+        pool = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="send")
+        try:
+            while True:
+                now = self.clock()
+                stopping = self.stop_event.is_set() or self._blocked is not None or now >= deadline
+                if stopping:
+                    self._release(pending)
+                    pending.clear()
+                    if not inflight:
+                        break
+                else:
+                    capped = bool(s.max_jobs) and not looping
+                    want = s.max_jobs - self.counts.claimed if capped else s.batch_size
+                    low_water = len(pending) < s.concurrency
+                    poll_ok = not exhausted or (looping and now - last_poll >= s.poll_interval)
+                    if want > 0 and low_water and poll_ok:
+                        got = self._claim(min(s.batch_size, want))
+                        last_poll = now
+                        pending.extend(got)
+                        exhausted = len(got) == 0
+                    can_claim_more = (not exhausted or looping) and (
+                        not capped or self.counts.claimed < s.max_jobs
+                    )
+                    if not pending and not inflight and not can_claim_more:
+                        break
+                    self._launch_wave(pool, pending, inflight)
+
+                # Wait for a completion, a token, a pair slot or the next poll.
+                timeout = self._next_wake(pending, inflight, exhausted, last_poll, deadline)
+                if inflight:
+                    done, _ = wait(list(inflight), timeout=timeout, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        row, _token = inflight.pop(fut)
+                        self._finished(fut.result(), row)
+                elif timeout > 0:
+                    self.stop_event.wait(timeout)
+        finally:
+            pool.shutdown(wait=True)
+
+    def _next_wake(
+        self,
+        pending: deque[tuple[ClaimedRow, str]],
+        inflight: dict[Future[_Sent], tuple[ClaimedRow, str]],
+        exhausted: bool,
+        last_poll: float,
+        deadline: float,
+    ) -> float:
+        now = self.clock()
+        wake = deadline
+        if pending and len(inflight) < self.settings.concurrency:
+            wake = min(wake, max(self.rate.ready_at(), self._earliest_pair(pending, now)))
+        if self.mode == "loop" and exhausted:
+            wake = min(wake, last_poll + self.settings.poll_interval)
+        if self.stop_event.is_set():
+            wake = now + 0.05
+        return max(0.001, min(wake - now, 1.0)) if wake != float("inf") else 1.0
+
+    def _earliest_pair(self, pending: deque[tuple[ClaimedRow, str]], now: float) -> float:
+        best = float("inf")
+        for row, _ in pending:
+            ready = self.pairs.ready_at(row.telefono, now)
+            if ready is not None:
+                best = min(best, ready)
+                if best <= now:
+                    break
+        return best
+
+    def _claim(self, n: int) -> list[tuple[ClaimedRow, str]]:
+        token = uuid.uuid4().hex
+        rows = self.repo.claim(self.run_id, token, n, self.session_id)
+        self.counts.claimed += len(rows)
+        if rows:
+            logger.debug("claimed %d row(s)", len(rows), extra={"action": "claim", "rows": len(rows)})
+        return [(r, token) for r in rows]
+
+    def _release(self, pending: deque[tuple[ClaimedRow, str]]) -> None:
+        by_token: dict[str, list[int]] = {}
+        for row, token in pending:
+            by_token.setdefault(token, []).append(row.id)
+        for token, ids in by_token.items():
+            self.counts.released += self.repo.release(token, ids)
+
+    def _launch_wave(
+        self,
+        pool: ThreadPoolExecutor,
+        pending: deque[tuple[ClaimedRow, str]],
+        inflight: dict[Future[_Sent], tuple[ClaimedRow, str]],
+    ) -> None:
+        free = self.settings.concurrency - len(inflight)
+        if free <= 0 or not pending:
+            return
+        wave: list[tuple[ClaimedRow, str]] = []
+        now = self.clock()
+        in_wave: set[str] = set()
+        keep: deque[tuple[ClaimedRow, str]] = deque()
+        while pending and len(wave) < free:
+            item = pending.popleft()
+            row = item[0]
+            if row.telefono in in_wave or not self.pairs.can_start(row.telefono, now):
+                keep.append(item)
+                continue
+            if not self.rate.try_acquire(now):
+                keep.append(item)
+                break
+            self.pairs.start(row.telefono)
+            in_wave.add(row.telefono)
+            wave.append(item)
+        keep.extend(pending)
+        pending.clear()
+        pending.extend(keep)
+        if not wave:
+            return
+        by_token: dict[str, list[ClaimedRow]] = {}
+        for row, token in wave:
+            by_token.setdefault(token, []).append(row)
+        for token, rows in by_token.items():
+            fenced, expired = self.repo.fence(token, [r.id for r in rows])
+            for row in rows:
+                if row.id in fenced:
+                    fut = pool.submit(self._send_one, row, token)
+                    inflight[fut] = (row, token)
+                    continue
+                self.pairs.cancel(row.telefono)
+                if row.id in expired:
+                    self.counts.expired += 1
+                    self._log_row(row, "cancelado (expired)", None)
+                else:
+                    self.counts.lost += 1
+                    logger.warning(
+                        "row %s is no longer ours (claim token or state changed): not sent",
+                        row.id,
+                        extra={"action": "lost", "job": str(row.id)},
+                    )
+
+    # --- one message --------------------------------------------------------
+
+    def _send_one(self, row: ClaimedRow, token: str) -> _Sent:
+        started_at = dt.datetime.now(dt.UTC).replace(tzinfo=None) + self._offset
+        t0 = time.monotonic()
+        try:
+            result: SendResult = self.provider.send(build_request(row))
+        except Exception as exc:  # a provider bug: the request may have gone out
+            logger.exception("provider raised", extra={"action": "provider_error", "job": str(row.id)})
+            result = Ambiguous(text=f"provider raised {type(exc).__name__}")
+        latency_ms = int((time.monotonic() - t0) * 1000)
+        outcome = classify(result, row, self.policy, self.settings.pair_interval)
+        try:
+            owned = self.repo.record(
+                row, token, self.run_id, self.provider_name, outcome, started_at, latency_ms
+            )
+        except Exception as exc:
+            # The row stays `enviando`: recovery will make it `incierto`.
+            logger.exception(
+                "could not record the outcome of row %s",
+                row.id,
+                extra={"action": "record_error", "job": str(row.id)},
+            )
+            return _Sent(row, outcome, result, latency_ms, False, exc)
+        return _Sent(row, outcome, result, latency_ms, owned)
+
+    def _finished(self, sent: _Sent, row: ClaimedRow) -> None:
+        now = self.clock()
+        result = sent.result
+        extra_wait = 0.0
+        if isinstance(result, Throttled):
+            self.counts.throttled += 1
+            if result.scope == "sender":
+                self.rate.throttled(now, result.retry_after)
+                logger.warning(
+                    "provider throttled the sender (%s): rate now %.2f/s",
+                    result.code,
+                    self.rate.rate,
+                    extra={"action": "throttled"},
+                )
+            else:
+                extra_wait = max(self.settings.pair_interval, result.retry_after or 0.0) * 2
+        self.pairs.finish(row.telefono, now, extra_wait)
+        if sent.error is not None:
+            self.counts.record_errors += 1
+            return
+        if isinstance(result, SenderBlocked) and self._blocked is None:
+            self._blocked = result
+            logger.error(
+                "provider refused the credentials or blocked the sender (%s: %s): stopping",
+                result.code,
+                result.text,
+                extra={"action": "sender_blocked"},
+            )
+        if not sent.owned:
+            self.counts.lost += 1
+            logger.warning(
+                "row %s was taken from this run while it was being sent (outcome %s kept in the journal)",
+                row.id,
+                sent.outcome.resultado if sent.outcome else "?",
+                extra={"action": "lost", "job": str(row.id)},
+            )
+            return
+        assert sent.outcome is not None
+        estado = sent.outcome.estado
+        if estado == ENVIADO:
+            self.counts.sent += 1
+        elif estado == ERROR:
+            self.counts.failed += 1
+        elif estado == INCIERTO:
+            self.counts.uncertain += 1
+        elif sent.outcome.resultado == "retryable":
+            self.counts.retried += 1
+        label = estado
+        if sent.outcome.resultado in ("throttled", "retryable") and estado == PENDIENTE:
+            label = f"pendiente ({sent.outcome.resultado}, next in {sent.outcome.delay or 0:.0f}s)"
+        elif sent.outcome.code:
+            label = f"{estado} ({sent.outcome.code})"
+        self._log_row(row, label, sent.latency_ms)
+
+    def _log_row(self, row: ClaimedRow, label: str, latency_ms: int | None) -> None:
+        with self._count_lock:
+            self._done_n += 1
+            n = self._done_n
+        latency = f" {latency_ms}ms" if latency_ms is not None else ""
+        logger.info(
+            "[%d/%d] %s %s %s%s",
+            n,
+            self.counts.claimed,
+            row.cliente_nombre or row.cliente_id,
+            mask_phone(row.telefono),
+            label,
+            latency,
+            extra={
+                "action": "message",
+                "job": str(row.id),
+                "n": n,
+                "total": self.counts.claimed,
+                "customer": row.cliente_nombre or row.cliente_id,
+                "to": mask_phone(row.telefono),
+                "outcome": label,
+                "latency_ms": latency_ms,
+            },
+        )
+
+
+# --- the command ---------------------------------------------------------------
+
+
+def _install_signal_handlers(runner: Runner) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        logger.warning(
+            "%s received: no new claims; finishing messages in flight",
+            signal.Signals(signum).name,
+            extra={"action": "signal"},
+        )
+        runner.request_stop("signal")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _dry_run(repo: QueueRepository, settings: Settings, session_id: int | None) -> int:
+    limit = settings.max_jobs or 1000
+    rows = repo.preview(limit, session_id)
+    print(f"dry run: {len(rows)} message(s) would be sent now (nothing claimed, nothing written)")
+    for row in rows:
+        what = f"template {row.payload.get('template')}" if row.tipo == "template" else "text"
+        print(f"  {row.id}\t{row.cliente_nombre or row.cliente_id}\t{mask_phone(row.telefono)}\t{what}")
+    return 0
+
+
+def command_run(args: argparse.Namespace, settings: Settings) -> int:
+    """`cola-worker run` after the lock is held."""
+    from worker.providers.registry import build_provider
+
+    engine = db.create_engine_from_settings(settings, pool_size=settings.concurrency + 2)
+    try:
+        db.check_schema(engine)
+        repo = QueueRepository(engine)
+        session_id = None
+        if args.session:
+            session_id = repo.session_id(args.session)
+            if session_id is None:
+                raise UsageError(f"--session: no session named {args.session!r}")
+        if args.dry_run:
+            return _dry_run(repo, settings, session_id)
+        if settings.provider is None:
+            raise ConfigError(
+                "COLA_PROVIDER is not set: choose meta, twilio, webhook or fake "
+                "(nothing is ever marked sent by accident)"
+            )
+        provider = build_provider(settings, max_connections=settings.concurrency)
+        try:
+            runner = Runner(
+                settings,
+                repo,
+                provider,
+                settings.provider,
+                session_id=session_id,
+                mode="loop" if args.loop else "run",
+            )
+            _install_signal_handlers(runner)
+            metrics = None
+            if args.loop and settings.metrics_port:
+                from worker.metrics import MetricsServer
+
+                metrics = MetricsServer(runner, settings.metrics_port)
+                metrics.start()
+            try:
+                result = runner.execute()
+            finally:
+                if metrics is not None:
+                    metrics.stop()
+        finally:
+            provider.close()
+        if result.sender_blocked is not None:
+            raise SenderBlockedError(
+                f"provider refused the credentials or blocked the sender: "
+                f"{result.sender_blocked.code or ''} {result.sender_blocked.text}".strip()
+            )
+        return result.exit_code
+    except Exception as exc:
+        raise db.translate_error(exc) from exc
+    finally:
+        engine.dispose()
