@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from worker.errors import ConfigError
+from worker.masking import mask_phone
 from worker.providers.base import (
     Accepted,
     Ambiguous,
@@ -50,15 +51,6 @@ NOT_SENT_ERRORS: tuple[type[Exception], ...] = (
     httpx.PoolTimeout,
     httpx.UnsupportedProtocol,
 )
-
-
-def mask_phone(phone: str | None) -> str:
-    """``+51987654321`` -> ``+51*****4321``: keep the first 3 and last 4 characters."""
-    if not phone:
-        return ""
-    if len(phone) <= 7:
-        return "*" * len(phone)
-    return phone[:3] + "*" * (len(phone) - 7) + phone[-4:]
 
 
 def clean_text(text: object, secrets: Iterable[str] = ()) -> str:
