@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from worker import db
-from worker.errors import InputError
+from worker.errors import InputError, UsageError
 from worker.schema import PENDIENTE, STATES, cola_envios, ejecuciones, sesiones_envio
 from worker.settings import Settings
 
@@ -296,16 +296,32 @@ def render(data: dict[str, Any]) -> Any:
     return Group(*parts)
 
 
+def read_lock_holder(settings: Settings) -> dict[str, Any] | None:
+    """Who holds this host's file lock (pid, host, started), or None."""
+    from worker import lock
+
+    try:
+        held, holder = lock.status(settings.lock_file)
+    except (OSError, UsageError) as exc:
+        logger.warning("cannot read the lock file %s: %s", settings.lock_file, exc)
+        return None
+    if not held:
+        return None
+    return holder.as_dict() if holder is not None else {"pid": None, "host": None, "started": None}
+
+
 def command_status(args: argparse.Namespace, settings: Settings) -> int:
     """``cola-worker status [--session NAME] [--json] [--watch N]``.
 
     ``--watch N`` refreshes every N seconds until Ctrl-C (with ``--json``: one
     JSON object per line). The lock holder is ``args.lock_holder`` when the CLI
-    set it."""
+    set it, else it is read from the lock file."""
     session: str | None = getattr(args, "session", None)
     as_json = bool(getattr(args, "json", False))
     watch: float | None = getattr(args, "watch", None)
     lock_holder: dict[str, Any] | None = getattr(args, "lock_holder", None)
+    if lock_holder is None:
+        lock_holder = read_lock_holder(settings)
     if watch is not None and watch <= 0:
         raise InputError("--watch: the refresh interval must be more than 0 seconds")
 
