@@ -128,9 +128,16 @@ class EnqueueResult:
 class InvalidRowsError(InputError):
     """Some rows are invalid; nothing was written."""
 
-    def __init__(self, invalid: Sequence[InvalidRow], *, naming: Callable[[InvalidRow], str] = str) -> None:
+    def __init__(
+        self, invalid: Sequence[InvalidRow], *, naming: Callable[[InvalidRow], str] | None = None
+    ) -> None:
         self.invalid = list(invalid)
-        lines = "\n".join(naming(e) for e in self.invalid)
+        if naming is not None:  # one message from flags: no lines, no --skip-invalid
+            super().__init__(
+                "invalid message; nothing was written:\n" + "\n".join(naming(e) for e in self.invalid)
+            )
+            return
+        lines = "\n".join(str(e) for e in self.invalid)
         bad = len({e.line for e in self.invalid})
         super().__init__(
             f"{bad} invalid row(s); nothing was written "
@@ -611,7 +618,7 @@ def import_rows(
     skip_invalid: bool = False,
     read_errors: Sequence[InvalidRow] = (),
     progress: bool = False,
-    naming: Callable[[InvalidRow], str] = str,
+    naming: Callable[[InvalidRow], str] | None = None,
 ) -> EnqueueResult:
     """Validate every row, then write the valid ones in one transaction.
 
@@ -744,7 +751,7 @@ def command_enqueue(args: argparse.Namespace, settings: Settings) -> int:
             raise UsageError(f"enqueue: {', '.join(given)} only with --to (one message from flags)")
 
     read_errors: list[InvalidRow] = []
-    naming: Callable[[InvalidRow], str] = str
+    naming: Callable[[InvalidRow], str] | None = None
     if sources[0] == "to":
         rows = rows_from_mappings([_message_from_flags(args)])
         naming = _flag_naming
@@ -790,7 +797,7 @@ def command_enqueue(args: argparse.Namespace, settings: Settings) -> int:
         bad_lines = len({e.line for e in result.invalid})
         print(f"inserted {result.inserted}, already queued {result.already_queued}, invalid {bad_lines}")
         for error in result.invalid:
-            print(naming(error))
+            print(naming(error) if naming else str(error))
     return 0
 
 

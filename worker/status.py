@@ -346,6 +346,8 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
         from rich.console import Console
 
         console = Console()
+        if not console.is_terminal:  # piped or under cron: do not squeeze the table into 80 columns
+            console = Console(width=160)
         if watch is None:
             console.print(render(snapshot()))
             return 0

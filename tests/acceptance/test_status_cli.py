@@ -1,0 +1,94 @@
+"""`cola-worker status` as an operator or a script runs it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from worker import db
+from worker.schema import STATES, cola_envios, ejecuciones
+
+CSV = "cliente_id,telefono,mensaje\nc1,+51987654321,uno\nc2,+51987654322,dos\nc3,+51987654323,tres\n"
+
+
+def run(
+    db_url: str, tmp_path: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "cola-worker"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "worker"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLA_")}
+    env.update({"COLA_DATABASE_URL": db_url, "COLA_LOCK_FILE": str(tmp_path / "lock" / "cola.lock")})
+    return subprocess.run(
+        [*command, *args], input=stdin, capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+
+
+def test_status_json_after_enqueue(db_url: str, tmp_path: Path) -> None:
+    assert (
+        run(db_url, tmp_path, "enqueue", "--session", "recordatorios", "--csv", "-", stdin=CSV).returncode
+        == 0
+    )
+    engine = db.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            now = db.db_now(conn)
+            conn.execute(
+                sa.update(cola_envios).where(cola_envios.c.cliente_id == "c3").values(estado="enviado")
+            )
+            conn.execute(
+                ejecuciones.insert(),
+                [
+                    {
+                        "host": "alive",
+                        "pid": 1,
+                        "modo": "run",
+                        "iniciada_at": now,
+                        "latido_at": now,
+                        "estado": "activa",
+                    },
+                    {
+                        "host": "gone",
+                        "pid": 2,
+                        "modo": "run",
+                        "iniciada_at": now - dt.timedelta(hours=2),
+                        "latido_at": now - dt.timedelta(hours=1),
+                        "estado": "activa",
+                    },
+                ],
+            )
+    finally:
+        engine.dispose()
+
+    result = run(db_url, tmp_path, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    [session] = data["sessions"]
+    assert session["name"] == "recordatorios" and session["state"] == "activa"
+    assert set(session["counts"]) == set(STATES)
+    assert session["counts"]["pendiente"] == 2 and session["counts"]["enviado"] == 1
+    assert session["due_now"] == 2 and session["oldest_pending_age_seconds"] >= 0
+    assert [r["host"] for r in data["live_runs"]] == ["alive"]
+    assert data["dead_runs"] == 1
+    assert data["lock_holder"] is None
+    assert dt.datetime.fromisoformat(data["generated_at"]).tzinfo is not None
+
+
+def test_status_table_and_unknown_session(db_url: str, tmp_path: Path) -> None:
+    assert run(db_url, tmp_path, "enqueue", "--session", "campaña", "--csv", "-", stdin=CSV).returncode == 0
+    table = run(db_url, tmp_path, "status", "--session", "campaña")
+    assert table.returncode == 0, table.stderr
+    assert "campaña" in table.stdout and "pendiente" in table.stdout
+    missing = run(db_url, tmp_path, "status", "--session", "nope")
+    assert missing.returncode == 2 and "no session named 'nope'" in missing.stderr
+
+
+def test_status_refuses_a_database_without_schema(empty_db_url: str, tmp_path: Path) -> None:
+    result = run(empty_db_url, tmp_path, "status", "--json")
+    assert result.returncode == 2
+    assert "db upgrade" in result.stderr
