@@ -136,6 +136,18 @@ def db_url(empty_db_url: str) -> str:
 
 
 @pytest.fixture
+def sqlite_db_url(tmp_path: Path) -> str:
+    """A migrated SQLite database, for behaviour that does not depend on the backend."""
+    fresh = FreshDatabase("sqlite", tmp_path)
+    engine = db.create_engine(fresh.url)
+    try:
+        db.upgrade(engine)
+    finally:
+        engine.dispose()
+    return fresh.url
+
+
+@pytest.fixture
 def engine(db_url: str) -> Iterator[sa.Engine]:
     eng = db.create_engine(db_url, pool_size=10)
     try:
@@ -145,11 +157,6 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 
 
 def pytest_report_header(config: Any) -> list[str]:
-    return [
-        "databases: mysql=%s postgres=%s require=%s"
-        % (
-            "env" if os.environ.get("COLA_TEST_MYSQL_URL") else "testcontainers-or-skip",
-            "env" if os.environ.get("COLA_TEST_POSTGRES_URL") else "skip",
-            REQUIRE_DB,
-        )
-    ]
+    mysql = "env" if os.environ.get("COLA_TEST_MYSQL_URL") else "testcontainers-or-skip"
+    postgres = "env" if os.environ.get("COLA_TEST_POSTGRES_URL") else "skip"
+    return [f"databases: mysql={mysql} postgres={postgres} require={REQUIRE_DB}"]

@@ -92,7 +92,8 @@ def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_inte
             ENVIADO, "accepted", True, message_id=result.message_id, http_status=result.http_status
         )
     if isinstance(result, Throttled):
-        floor = pair_interval if result.scope == "recipient" else 1.0
+        # Meta's pair limit is about one message per 6 s to one recipient.
+        floor = max(pair_interval, 6.0) if result.scope == "recipient" else 1.0
         return Outcome(
             PENDIENTE,
             "throttled",

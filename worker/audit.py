@@ -1,0 +1,175 @@
+"""The duplicate audit: the check the original incident lacked.
+
+Over a window (default 24 h), it looks for:
+- jobs the provider accepted more than once (``intentos_envio``);
+- customers, and recipients, who got the same content more than once
+  (``envios_whatsapp`` joined to the row's payload);
+- inconsistencies: ``enviado`` rows without their ``envios_whatsapp`` row and
+  the reverse, rows ``procesando``/``enviando`` owned by a run that is not live.
+
+Exit 5 when anything is found. ``incierto`` rows are reported, not failed on:
+they are waiting for an operator by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from worker import db
+from worker.errors import AuditFailed
+from worker.masking import mask_phone
+from worker.queue import RUN_ACTIVE
+from worker.schema import (
+    ENVIADO,
+    ENVIANDO,
+    INCIERTO,
+    PROCESANDO,
+    cola_envios,
+    ejecuciones,
+    envios_whatsapp,
+    intentos_envio,
+)
+from worker.settings import Settings
+
+c = cola_envios.c
+w = envios_whatsapp.c
+i = intentos_envio.c
+
+
+def run_audit(engine: Engine, hours: float) -> dict[str, Any]:
+    with engine.connect() as conn:
+        now = db.db_now(conn)
+        since = now - dt.timedelta(hours=hours)
+        accepted_twice = [
+            {"job": str(r[0]), "accepted": int(r[1])}
+            for r in conn.execute(
+                sa.select(i.cola_envio_id, sa.func.count())
+                .where(i.resultado == "accepted", i.inicio_at >= since)
+                .group_by(i.cola_envio_id)
+                .having(sa.func.count() > 1)
+            )
+        ]
+        by_customer = [
+            {"cliente_id": r[0], "messages": int(r[1]), "jobs": sorted(str(x) for x in _ids(r[2]))}
+            for r in conn.execute(
+                sa.select(w.cliente_id, sa.func.count(), _group_ids(engine, w.cola_envio_id))
+                .select_from(envios_whatsapp.join(cola_envios, c.id == w.cola_envio_id))
+                .where(w.fecha_envio >= since)
+                .group_by(w.cliente_id, c.payload)
+                .having(sa.func.count() > 1)
+            )
+        ]
+        by_recipient = [
+            {"telefono": mask_phone(r[0]), "messages": int(r[1]), "jobs": sorted(str(x) for x in _ids(r[2]))}
+            for r in conn.execute(
+                sa.select(w.telefono, sa.func.count(), _group_ids(engine, w.cola_envio_id))
+                .select_from(envios_whatsapp.join(cola_envios, c.id == w.cola_envio_id))
+                .where(w.fecha_envio >= since)
+                .group_by(w.telefono, c.payload)
+                .having(sa.func.count() > 1)
+            )
+        ]
+        sent_without_ledger = [
+            str(r[0])
+            for r in conn.execute(
+                sa.select(c.id)
+                .select_from(cola_envios.outerjoin(envios_whatsapp, w.cola_envio_id == c.id))
+                .where(c.estado == ENVIADO, w.id.is_(None), c.actualizado_at >= since)
+            )
+        ]
+        ledger_without_sent = [
+            str(r[0])
+            for r in conn.execute(
+                sa.select(w.cola_envio_id)
+                .select_from(envios_whatsapp.join(cola_envios, c.id == w.cola_envio_id))
+                .where(c.estado != ENVIADO, w.fecha_envio >= since)
+            )
+        ]
+        live = sa.select(ejecuciones.c.id).where(ejecuciones.c.estado == RUN_ACTIVE).scalar_subquery()
+        orphaned = [
+            str(r[0])
+            for r in conn.execute(
+                sa.select(c.id).where(
+                    c.estado.in_((PROCESANDO, ENVIANDO)),
+                    sa.or_(c.ejecucion_id.is_(None), c.ejecucion_id.not_in(live)),
+                )
+            )
+        ]
+        uncertain = int(
+            conn.execute(
+                sa.select(sa.func.count()).select_from(cola_envios).where(c.estado == INCIERTO)
+            ).scalar_one()
+        )
+    problems = (
+        len(accepted_twice)
+        + len(by_customer)
+        + len(by_recipient)
+        + len(sent_without_ledger)
+        + len(ledger_without_sent)
+        + len(orphaned)
+    )
+    return {
+        "window_hours": hours,
+        "since": since.isoformat(),
+        "ok": problems == 0,
+        "problems": problems,
+        "accepted_more_than_once": accepted_twice,
+        "duplicates_by_customer": by_customer,
+        "duplicates_by_recipient": by_recipient,
+        "enviado_without_envios_whatsapp": sent_without_ledger,
+        "envios_whatsapp_without_enviado": ledger_without_sent,
+        "claimed_by_dead_runs": orphaned,
+        "incierto_waiting_for_operator": uncertain,
+    }
+
+
+def _group_ids(engine: Engine, col: Any) -> Any:
+    if engine.dialect.name == "postgresql":
+        return sa.func.string_agg(sa.cast(col, sa.String), ",")
+    return sa.func.group_concat(col)
+
+
+def _ids(value: Any) -> list[str]:
+    return [x for x in str(value or "").split(",") if x]
+
+
+def command_audit(args: argparse.Namespace, settings: Settings) -> int:
+    engine = db.create_engine_from_settings(settings)
+    try:
+        db.check_schema(engine)
+        report = run_audit(engine, args.hours)
+    finally:
+        engine.dispose()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"audit over the last {args.hours:g} h:")
+        for key in (
+            "accepted_more_than_once",
+            "duplicates_by_customer",
+            "duplicates_by_recipient",
+            "enviado_without_envios_whatsapp",
+            "envios_whatsapp_without_enviado",
+            "claimed_by_dead_runs",
+        ):
+            items = report[key]
+            print(f"  {key.replace('_', ' ')}: {len(items)}")
+            for item in items[:20]:
+                print(f"    {item}")
+        print(f"  incierto waiting for an operator: {report['incierto_waiting_for_operator']}")
+        print(
+            "  OK: no duplicates, no inconsistencies"
+            if report["ok"]
+            else f"  FOUND {report['problems']} problem(s)"
+        )
+    if not report["ok"]:
+        raise AuditFailed(f"audit found {report['problems']} problem(s)")
+    return 0
