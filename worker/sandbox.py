@@ -226,8 +226,9 @@ class _State:
                     self.outcomes["pair-limited"] += 1
                     return _Decision("pair-limited")
             if opts.rate_limit > 0:
-                tokens, at = self.buckets.get(sender, (opts.rate_limit, now))
-                tokens = min(opts.rate_limit, tokens + (now - at) * opts.rate_limit)
+                capacity = max(1.0, opts.rate_limit)  # below 1/s: one message, then wait
+                tokens, at = self.buckets.get(sender, (capacity, now))
+                tokens = min(capacity, tokens + (now - at) * opts.rate_limit)
                 if tokens < 1.0:
                     self.buckets[sender] = (tokens, now)
                     self.violations["rate_limit"] += 1
@@ -542,7 +543,10 @@ class SandboxServer:
             target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="cola-sandbox", daemon=True
         )
         self._thread.start()
-        logger.info("sandbox listening on %s", self.base_url)
+        if self.options.host not in ("127.0.0.1", "::1", "localhost"):
+            logger.warning("sandbox listening on %s: admin endpoints have no authentication", self.base_url)
+        else:
+            logger.info("sandbox listening on %s", self.base_url)
         return self.base_url
 
     def stop(self) -> None:

@@ -194,6 +194,14 @@ def test_rate_limit_per_sender(start_sandbox: StartSandbox, make_client: MakeCli
     assert stats["accepted"] == 4
 
 
+def test_rate_limit_below_one_per_second_still_accepts_one(
+    start_sandbox: StartSandbox, make_client: MakeClient
+) -> None:
+    client = make_client(start_sandbox(rate_limit=0.5))
+    assert isinstance(client.send(text("1", to="+51900000001")), Accepted)
+    assert isinstance(client.send(text("2", to="+51900000002")), Throttled)
+
+
 def test_pair_interval_per_recipient(start_sandbox: StartSandbox, make_client: MakeClient) -> None:
     server = start_sandbox(pair_interval=1.0)
     client = make_client(server)
