@@ -261,19 +261,25 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "fake-provider":
-            from worker import sandbox
+def _fake_provider(argv: Sequence[str]) -> int:
+    from worker import sandbox
 
-            sandbox_parser = argparse.ArgumentParser(
-                prog="cola-worker fake-provider",
-                description="A local sandbox speaking the Meta Cloud API shape, with latency and faults.",
-            )
-            sandbox.add_arguments(sandbox_parser)
-            return int(sandbox.main_from_args(sandbox_parser.parse_args(args.sandbox_argv)))
+    parser = argparse.ArgumentParser(
+        prog="cola-worker fake-provider",
+        description="A local sandbox speaking the Meta Cloud API shape, with latency and fault injection.",
+    )
+    sandbox.add_arguments(parser)
+    return int(sandbox.main_from_args(parser.parse_args(list(argv))))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["fake-provider"]:
+            # Its flags go to the sandbox's own parser (argparse's REMAINDER
+            # would not pass options through a subparser).
+            return _fake_provider(argv[1:])
+        args = build_parser().parse_args(argv)
         settings = load_settings(_flags(args))
         return _COMMANDS[args.command](args, settings)
     except ColaError as exc:

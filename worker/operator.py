@@ -68,7 +68,7 @@ def _selection(conn: Connection, args: argparse.Namespace) -> Any:
     session = getattr(args, "session", None)
     if not ids and not session:
         raise UsageError("give --id ID (repeatable) or --session NAME")
-    cond = sa.true()
+    cond: sa.ColumnElement[bool] = sa.true()
     if ids:
         cond = sa.and_(cond, c.id.in_(ids))
     if session:

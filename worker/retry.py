@@ -19,8 +19,8 @@ class RetryPolicy:
         """Delay after the ``attempts_spent``-th failed attempt (1-based):
         uniform in [d/2, d] with d = min(cap, base * 2**(n-1))."""
         n = max(1, attempts_spent)
-        ceiling = min(self.cap, self.base * (2 ** min(n - 1, 30)))
-        r = (rng or random).random()
+        ceiling: float = min(self.cap, self.base * float(2 ** min(n - 1, 30)))
+        r: float = (rng or random).random()
         return ceiling / 2 + r * ceiling / 2
 
     def throttle_delay(self, retry_after: float | None, floor: float) -> float:
