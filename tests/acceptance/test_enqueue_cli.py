@@ -145,6 +145,7 @@ def test_csv_from_stdin(db_url: str, tmp_path: Path) -> None:
     result = run(db_url, tmp_path, "enqueue", "--session", "s", "--csv", "-", stdin=CSV)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "inserted 3, already queued 0, invalid 0"
+    assert "━" not in result.stderr  # stderr is not a terminal (cron): no progress bar
 
 
 def test_json_output_of_a_refused_file(db_url: str, tmp_path: Path) -> None:
