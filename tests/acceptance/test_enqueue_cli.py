@@ -185,3 +185,44 @@ def test_source_is_required_and_single(db_url: str, tmp_path: Path) -> None:
     missing = run(db_url, tmp_path, "enqueue", "--session", "s", "--csv", str(tmp_path / "nope.csv"))
     assert missing.returncode == 2 and "cannot open" in missing.stderr
     assert count(db_url, cola_envios) == 0
+
+
+def test_progress_bar_only_on_a_terminal(db_url: str, tmp_path: Path) -> None:
+    import threading
+
+    rows = "".join(f"c{i},N,+5198{i:07d},hola {i}\n" for i in range(2000))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLA_")}
+    env.update({"COLA_DATABASE_URL": db_url, "TERM": "xterm", "COLUMNS": "100"})
+    master, slave = os.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [*cola_worker(), "enqueue", "--session", "tty", "--csv", "-"],
+            input=("cliente_id,cliente_nombre,telefono,mensaje\n" + rows).encode(),
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    assert proc.returncode == 0
+    assert proc.stdout.decode().strip() == "inserted 2000, already queued 0, invalid 0"
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert "2000/2000" in terminal and "━" in terminal  # the bar: "enqueue ━━━━ 2000/2000"
