@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", "the whole story on an embedded SQLite database and the local sandbox")
     p.add_argument("--dir", help="working directory (default: a new temporary one)")
-    p.add_argument("--messages", type=int, default=40)
+    p.add_argument("--messages", type=int, default=120)
     return parser
 
 
