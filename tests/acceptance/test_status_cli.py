@@ -92,3 +92,33 @@ def test_status_refuses_a_database_without_schema(empty_db_url: str, tmp_path: P
     result = run(empty_db_url, tmp_path, "status", "--json")
     assert result.returncode == 2
     assert "db upgrade" in result.stderr
+
+
+def test_watch_json_refreshes_until_ctrl_c(db_url: str, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    exe = Path(sys.executable).parent / "cola-worker"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "worker"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLA_")}
+    env.update({"COLA_DATABASE_URL": db_url, "COLA_LOCK_FILE": str(tmp_path / "lock" / "cola.lock")})
+    proc = subprocess.Popen(
+        [*command, "status", "--json", "--watch", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the first snapshot is printed at once
+        time.sleep(0.8)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    snapshots = [json.loads(line) for line in [first, *rest.splitlines()] if line.strip()]
+    assert len(snapshots) >= 3
+    assert all(s["sessions"] == [] and "generated_at" in s for s in snapshots)
