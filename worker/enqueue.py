@@ -503,6 +503,10 @@ def _session_id(conn: Connection, name: str, now: dt.datetime) -> int:
     return int(found.id)
 
 
+def _existing_keys(conn: Connection, keys: Sequence[str]) -> set[str]:
+    return set(conn.execute(sa.select(cola_envios.c.clave).where(cola_envios.c.clave.in_(keys))).scalars())
+
+
 def _write(
     conn: Connection,
     session: str,
@@ -514,49 +518,51 @@ def _write(
     now = db.db_now(conn)
     sesion_id = _session_id(conn, session, now)
     insert = _insert_ignoring_duplicates(conn, cola_envios, "clave")
+    # PostgreSQL and SQLite return the ids of the rows actually inserted (not
+    # the ones skipped on conflict), in batches; MySQL's upsert cannot.
+    returning = conn.dialect.name in ("postgresql", "sqlite") and conn.dialect.insert_executemany_returning
     inserted = 0
     for start in range(0, len(messages), CHUNK):
         chunk = messages[start : start + CHUNK]
         keys = [m.clave for m in chunk]
-        existing = set(
-            conn.execute(sa.select(cola_envios.c.clave).where(cola_envios.c.clave.in_(keys))).scalars()
-        )
+        existing = _existing_keys(conn, keys)
         new = [m for m in chunk if m.clave not in existing]
         if new:
-            conn.execute(
-                insert,
-                [
-                    {
-                        "sesion_id": sesion_id,
-                        "cliente_id": m.cliente_id,
-                        "cliente_nombre": m.cliente_nombre,
-                        "telefono": m.telefono,
-                        "tipo": m.tipo,
-                        "payload": m.payload,
-                        "estado": PENDIENTE,
-                        "intentos": 0,
-                        "max_intentos": max_attempts,
-                        "proximo_intento_at": m.enviar_desde or now,
-                        "enviar_hasta": m.enviar_hasta,
-                        "clave": m.clave,
-                        "creado_at": now,
-                        "actualizado_at": now,
-                    }
-                    for m in new
-                ],
-            )
+            params = [
+                {
+                    "sesion_id": sesion_id,
+                    "cliente_id": m.cliente_id,
+                    "cliente_nombre": m.cliente_nombre,
+                    "telefono": m.telefono,
+                    "tipo": m.tipo,
+                    "payload": m.payload,
+                    "estado": PENDIENTE,
+                    "intentos": 0,
+                    "max_intentos": max_attempts,
+                    "proximo_intento_at": m.enviar_desde or now,
+                    "enviar_hasta": m.enviar_hasta,
+                    "clave": m.clave,
+                    "creado_at": now,
+                    "actualizado_at": now,
+                }
+                for m in new
+            ]
             # A concurrent import may have committed one of these keys since the
             # pre-select (then ours did nothing): count only the rows this
-            # transaction wrote, which carry its session and its timestamp.
-            inserted += conn.execute(
-                sa.select(sa.func.count())
-                .select_from(cola_envios)
-                .where(
-                    cola_envios.c.clave.in_([m.clave for m in new]),
-                    cola_envios.c.sesion_id == sesion_id,
-                    cola_envios.c.creado_at == now,
-                )
-            ).scalar_one()
+            # transaction wrote.
+            if returning:
+                inserted += len(conn.execute(insert.returning(cola_envios.c.id), params).all())
+            else:  # MySQL: no RETURNING; our rows carry this session and this timestamp
+                conn.execute(insert, params)
+                inserted += conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(cola_envios)
+                    .where(
+                        cola_envios.c.clave.in_([m.clave for m in new]),
+                        cola_envios.c.sesion_id == sesion_id,
+                        cola_envios.c.creado_at == now,
+                    )
+                ).scalar_one()
         advance(len(chunk))
     return inserted
 

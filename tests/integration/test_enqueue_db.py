@@ -221,3 +221,24 @@ def test_expiry_in_the_past_by_the_database_clock(engine: sa.Engine, settings: S
             engine=engine,
             settings=settings,
         )
+
+
+def test_a_key_committed_after_the_pre_select_is_skipped_and_not_counted(
+    engine: sa.Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if another import committed "k-2" between our pre-select and our insert:
+    # the dialect's on-conflict clause must skip it without failing the import.
+    enq.enqueue(
+        "other",
+        [{"telefono": "+51987654399", "mensaje": "first", "clave": "k-2"}],
+        engine=engine,
+        settings=settings,
+    )
+    monkeypatch.setattr(enq, "_existing_keys", lambda conn, keys: set())
+    msgs = [{"telefono": f"+5198765432{i}", "mensaje": f"m{i}", "clave": f"k-{i}"} for i in range(1, 4)]
+    result = enq.enqueue("s", msgs, engine=engine, settings=settings)
+    assert (result.inserted, result.already_queued) == (2, 1)
+    with engine.connect() as conn:
+        kept = conn.execute(sa.select(cola_envios.c.payload).where(cola_envios.c.clave == "k-2")).scalar_one()
+    assert json.loads(kept) == {"text": "first"}  # the existing row is untouched
+    assert count(engine, cola_envios) == 3
