@@ -44,7 +44,7 @@ _PG_TRANSIENT = {"40P01", "40001", "55P03"}
 def parse_url(raw: str) -> URL:
     try:
         url = sa.make_url(raw)
-    except sa_exc.ArgumentError:
+    except (sa_exc.ArgumentError, ValueError):
         # Never echo the value: it may hold a password.
         raise ConfigError(
             "COLA_DATABASE_URL: not a valid SQLAlchemy URL (expected e.g. mysql+pymysql://user:pass@host/db)"

@@ -110,21 +110,27 @@ def acquire(path: str, timeout: float = 0.0, *, mode: str = "run") -> FileLock |
     """Take the lock, waiting up to ``timeout`` seconds. Returns the lock, or
     the holder when another process keeps it."""
     _check_directory(path, create=True)
-    fd = _open(path, os.O_RDWR | os.O_CREAT)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"COLA_LOCK_FILE: {path!r} is not a regular file")
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = _open(path, os.O_RDWR | os.O_CREAT)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(f"COLA_LOCK_FILE: {path!r} is not a regular file")
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    return holder
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        if _same_file(fd, path):
             break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                holder = _read_holder(fd)
-                os.close(fd)
-                return holder
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        # The file we locked was removed (`lock release`) or replaced while we
+        # waited: a lock on it would exclude nobody. Start over on the path.
+        os.close(fd)
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -134,6 +140,15 @@ def acquire(path: str, timeout: float = 0.0, *, mode: str = "run") -> FileLock |
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     return FileLock(path, fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        on_path = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (on_path.st_dev, on_path.st_ino)
 
 
 def status(path: str) -> tuple[bool, Holder | None]:

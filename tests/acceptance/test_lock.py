@@ -433,13 +433,6 @@ class _PausingTime:
         time.sleep(min(seconds, 0.01))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: `lock release` unlinks the file while a `run --lock-timeout` is waiting on an fd of it; "
-    "the waiter then locks the unlinked inode while the next run creates and locks a new file at the "
-    "path: two runs hold 'the' lock. acquire() should check, once locked, that the path still names "
-    "the inode it locked (fstat vs stat) and retry otherwise",
-)
 def test_release_while_a_run_waits_never_gives_two_holders(
     lock_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

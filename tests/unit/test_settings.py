@@ -300,11 +300,6 @@ def test_cli_bad_database_url_names_the_variable_never_the_value(url: str, tmp_p
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a non-numeric port in COLA_DATABASE_URL raises ValueError from sqlalchemy.make_url, "
-    "which db.parse_url does not catch: exit 1 with a traceback instead of exit 2 naming the variable",
-)
 def test_cli_database_url_with_a_bad_port_names_the_variable(tmp_path: Path) -> None:
     proc = cli(["run"], tmp_path, COLA_DATABASE_URL="mysql+pymysql://u:hunter2@dbhost:notaport/cola")
     assert "hunter2" not in proc.stderr + proc.stdout
