@@ -68,6 +68,17 @@ class ClaimedRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Attempt:
+    """One provider call to record."""
+
+    row: ClaimedRow
+    token: str
+    outcome: Outcome
+    started_at: dt.datetime
+    latency_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Recovered:
     runs: int
     requeued: int  # procesando -> pendiente
@@ -334,75 +345,55 @@ class QueueRepository:
 
     # --- outcomes -----------------------------------------------------------
 
-    def record(
-        self,
-        row: ClaimedRow,
-        token: str,
-        run_id: int,
-        provider: str,
-        outcome: Outcome,
-        started_at: dt.datetime,
-        latency_ms: int,
-    ) -> bool:
-        """Write one provider answer. The row update is conditional on our
+    def record(self, run_id: int, provider: str, attempts: Sequence[Attempt]) -> list[bool]:
+        """Write provider answers, many in one transaction (one commit for a
+        whole group of completed sends). Each row update is conditional on its
         token and ``enviando``; the attempt journal is written either way (it
-        records what the provider did, even for a row we lost). Returns False
-        when the row was no longer ours."""
+        records what the provider did, even for a row we lost). Returns, per
+        attempt, whether the row was still ours."""
+        if not attempts:
+            return []
 
-        def tx(conn: Connection) -> bool:
+        def tx(conn: Connection) -> list[bool]:
             now = db.db_now(conn)
-            values: dict[str, Any] = {"estado": outcome.estado, "actualizado_at": now}
-            attempts = row.intentos + (1 if outcome.spend_attempt else 0)
-            values["intentos"] = attempts
-            if outcome.estado == ENVIADO:
-                values.update(
-                    enviado_at=now,
-                    proveedor=provider,
-                    proveedor_msg_id=outcome.message_id,
-                    error_codigo=None,
-                    error_texto=None,
-                )
-            elif outcome.estado == PENDIENTE:
-                values.update(claim_token=None, ejecucion_id=None)
-                if outcome.delay is not None:
-                    values["proximo_intento_at"] = now + dt.timedelta(seconds=outcome.delay)
-                if outcome.code is not None or outcome.text is not None:
-                    values.update(error_codigo=outcome.code, error_texto=_clip(outcome.text))
-            else:  # error, incierto
-                values.update(proveedor=provider, error_codigo=outcome.code, error_texto=_clip(outcome.text))
-            owned = (
-                conn.execute(
+            owned: list[bool] = []
+            ledger: list[dict[str, Any]] = []
+            journal: list[dict[str, Any]] = []
+            for a in attempts:
+                matched = conn.execute(
                     cola_envios.update()
-                    .where(c.id == row.id, c.claim_token == token, c.estado == ENVIANDO)
-                    .values(**values)
+                    .where(c.id == a.row.id, c.claim_token == a.token, c.estado == ENVIANDO)
+                    .values(**_outcome_values(a, provider, now))
                 ).rowcount
-                == 1
-            )
-            if owned and outcome.estado == ENVIADO:
-                conn.execute(
-                    envios_whatsapp.insert().values(
-                        cola_envio_id=row.id,
-                        sesion_id=row.sesion_id,
-                        cliente_id=row.cliente_id,
-                        telefono=row.telefono,
-                        proveedor=provider,
-                        proveedor_msg_id=outcome.message_id,
-                        fecha_envio=now,
+                owned.append(matched == 1)
+                if matched == 1 and a.outcome.estado == ENVIADO:
+                    ledger.append(
+                        {
+                            "cola_envio_id": a.row.id,
+                            "sesion_id": a.row.sesion_id,
+                            "cliente_id": a.row.cliente_id,
+                            "telefono": a.row.telefono,
+                            "proveedor": provider,
+                            "proveedor_msg_id": a.outcome.message_id,
+                            "fecha_envio": now,
+                        }
                     )
+                journal.append(
+                    {
+                        "cola_envio_id": a.row.id,
+                        "ejecucion_id": run_id,
+                        "inicio_at": a.started_at,
+                        "fin_at": now,
+                        "resultado": a.outcome.resultado,
+                        "http_status": a.outcome.http_status,
+                        "codigo": a.outcome.code,
+                        "latencia_ms": a.latency_ms,
+                        "proveedor_msg_id": a.outcome.message_id,
+                    }
                 )
-            conn.execute(
-                intentos_envio.insert().values(
-                    cola_envio_id=row.id,
-                    ejecucion_id=run_id,
-                    inicio_at=started_at,
-                    fin_at=now,
-                    resultado=outcome.resultado,
-                    http_status=outcome.http_status,
-                    codigo=outcome.code,
-                    latencia_ms=latency_ms,
-                    proveedor_msg_id=outcome.message_id,
-                )
-            )
+            if ledger:
+                conn.execute(envios_whatsapp.insert(), ledger)
+            conn.execute(intentos_envio.insert(), journal)
             return owned
 
         return db.transaction(self.engine, tx)
@@ -423,6 +414,32 @@ class QueueRepository:
             )
 
         return db.transaction(self.engine, tx)
+
+
+def _outcome_values(a: Attempt, provider: str, now: dt.datetime) -> dict[str, Any]:
+    outcome = a.outcome
+    values: dict[str, Any] = {
+        "estado": outcome.estado,
+        "actualizado_at": now,
+        "intentos": a.row.intentos + (1 if outcome.spend_attempt else 0),
+    }
+    if outcome.estado == ENVIADO:
+        values.update(
+            enviado_at=now,
+            proveedor=provider,
+            proveedor_msg_id=outcome.message_id,
+            error_codigo=None,
+            error_texto=None,
+        )
+    elif outcome.estado == PENDIENTE:
+        values.update(claim_token=None, ejecucion_id=None)
+        if outcome.delay is not None:
+            values["proximo_intento_at"] = now + dt.timedelta(seconds=outcome.delay)
+        if outcome.code is not None or outcome.text is not None:
+            values.update(error_codigo=outcome.code, error_texto=_clip(outcome.text))
+    else:  # error, incierto
+        values.update(proveedor=provider, error_codigo=outcome.code, error_texto=_clip(outcome.text))
+    return values
 
 
 def _clip(text: str | None, limit: int = 1000) -> str | None:

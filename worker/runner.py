@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -42,6 +43,7 @@ from worker.providers.base import (
 from worker.queue import (
     RUN_FAILED,
     RUN_FINISHED,
+    Attempt,
     ClaimedRow,
     Outcome,
     QueueRepository,
@@ -153,6 +155,59 @@ def build_request(row: ClaimedRow) -> SendRequest:
     return SendRequest(
         job_id=str(row.id), to=row.telefono, sender=row.remitente, kind="text", text=str(p.get("text") or "")
     )
+
+
+class GroupRecorder:
+    """Saves outcomes in groups: sending threads hand over their attempt and
+    wait until it is committed; one thread writes whatever has gathered in
+    one transaction. At high concurrency this turns one commit per message
+    into one commit per group (each commit costs a log flush on the server).
+    A thread's outcome is durable before the thread reports it."""
+
+    def __init__(self, repo: QueueRepository, run_id: int, provider: str, max_group: int = 128) -> None:
+        self.repo = repo
+        self.run_id = run_id
+        self.provider = provider
+        self.max_group = max_group
+        self._queue: queue.SimpleQueue[tuple[Attempt, Future[bool]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="recorder", daemon=True)
+        self._thread.start()
+
+    def record(self, attempt: Attempt) -> bool:
+        fut: Future[bool] = Future()
+        self._queue.put((attempt, fut))
+        return fut.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            group = [item]
+            closing = False
+            while len(group) < self.max_group:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                group.append(more)
+            try:
+                owned = self.repo.record(self.run_id, self.provider, [a for a, _ in group])
+            except BaseException as exc:
+                for _, fut in group:
+                    fut.set_exception(exc)
+            else:
+                for (_, fut), mine in zip(group, owned, strict=True):
+                    fut.set_result(mine)
+            if closing:
+                return
 
 
 @dataclass
@@ -297,6 +352,7 @@ class Runner:
         exhausted = False  # the queue had nothing more due (burst mode ends)
         last_poll = -1e9
         pool = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="send")
+        self._recorder = GroupRecorder(self.repo, self.run_id, self.provider_name)
         try:
             while True:
                 now = self.clock()
@@ -334,6 +390,7 @@ class Runner:
                     self.stop_event.wait(timeout)
         finally:
             pool.shutdown(wait=True)
+            self._recorder.close()
 
     def _next_wake(
         self,
@@ -443,9 +500,7 @@ class Runner:
         latency_ms = int((time.monotonic() - t0) * 1000)
         outcome = classify(result, row, self.policy, self.settings.pair_interval)
         try:
-            owned = self.repo.record(
-                row, token, self.run_id, self.provider_name, outcome, started_at, latency_ms
-            )
+            owned = self._recorder.record(Attempt(row, token, outcome, started_at, latency_ms))
         except Exception as exc:
             # The row stays `enviando`: recovery will make it `incierto`.
             logger.exception(
