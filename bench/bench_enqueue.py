@@ -35,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from worker import db
-from worker.enqueue import import_rows, read_csv, validate_rows
+from worker.importer import import_rows, read_csv, validate_rows
 from worker.schema import cola_envios
 from worker.settings import load_settings
 

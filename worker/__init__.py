@@ -14,7 +14,7 @@ __all__ = ["__version__", "enqueue"]
 
 def __getattr__(name: str) -> Any:
     if name == "enqueue":
-        from worker.enqueue import enqueue
+        from worker.importer import enqueue
 
         return enqueue
     raise AttributeError(f"module 'worker' has no attribute {name!r}")

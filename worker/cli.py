@@ -248,7 +248,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "run": _cmd_run,
     "lock": _cmd_lock,
     "db": _cmd_db,
-    "enqueue": _lazy("worker.enqueue", "command_enqueue"),
+    "enqueue": _lazy("worker.importer", "command_enqueue"),
     "status": _lazy("worker.status", "command_status"),
     "audit": _lazy("worker.audit", "command_audit"),
     "requeue": _lazy("worker.operator", "command_requeue"),

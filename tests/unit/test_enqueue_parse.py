@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from worker import enqueue as enq
-from worker.enqueue import InvalidRow, InvalidRowsError, Message, RawRow, read_csv, read_jsonl, validate_row
+from worker.importer import InvalidRow, InvalidRowsError, Message, RawRow, read_csv, read_jsonl, validate_row
 from worker.errors import InputError
 
 NOW = dt.datetime(2025, 3, 1, 12, 0, 0)
