@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 from worker import db
 from worker import enqueue as enq
-from worker.importer import InvalidRow, InvalidRowsError, import_rows, read_csv, read_jsonl
 from worker.errors import InputError
+from worker.importer import InvalidRow, InvalidRowsError, import_rows, read_csv, read_jsonl
 from worker.schema import CANCELADA, PAUSADA, cola_envios, sesiones_envio
 from worker.settings import Settings, load_settings
 

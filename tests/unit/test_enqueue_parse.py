@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from worker import enqueue as enq
-from worker.importer import InvalidRow, InvalidRowsError, Message, RawRow, read_csv, read_jsonl, validate_row
 from worker.errors import InputError
+from worker.importer import InvalidRow, InvalidRowsError, Message, RawRow, read_csv, read_jsonl, validate_row
 
 NOW = dt.datetime(2025, 3, 1, 12, 0, 0)
 
