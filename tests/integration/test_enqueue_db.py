@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from worker import db
-from worker import enqueue as enq
+from worker import importer as enq
 from worker.errors import InputError
 from worker.importer import InvalidRow, InvalidRowsError, import_rows, read_csv, read_jsonl
 from worker.schema import CANCELADA, PAUSADA, cola_envios, sesiones_envio

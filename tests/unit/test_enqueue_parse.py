@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from worker import enqueue as enq
+from worker import importer as enq
 from worker.errors import InputError
 from worker.importer import InvalidRow, InvalidRowsError, Message, RawRow, read_csv, read_jsonl, validate_row
 
