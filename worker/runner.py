@@ -20,10 +20,11 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
 
 from worker import db
 from worker.errors import ConfigError, SenderBlockedError, UsageError
@@ -157,25 +158,28 @@ def build_request(row: ClaimedRow) -> SendRequest:
     )
 
 
-class GroupRecorder:
-    """Saves outcomes in groups: sending threads hand over their attempt and
-    wait until it is committed; one thread writes whatever has gathered in
-    one transaction. At high concurrency this turns one commit per message
-    into one commit per group (each commit costs a log flush on the server).
-    A thread's outcome is durable before the thread reports it."""
+In = TypeVar("In")
+Out = TypeVar("Out")
 
-    def __init__(self, repo: QueueRepository, run_id: int, provider: str, max_group: int = 128) -> None:
-        self.repo = repo
-        self.run_id = run_id
-        self.provider = provider
+
+class GroupCommit(Generic[In, Out]):
+    """One writer thread for many sending threads: each thread hands over its
+    item and waits until it is committed; the writer takes whatever has
+    gathered meanwhile and writes it in one transaction. At high concurrency
+    this turns one commit per message into one commit per group (each commit
+    costs a log flush on the server); at concurrency 1 it changes nothing.
+    An item's write is durable before its thread goes on."""
+
+    def __init__(self, name: str, write: Callable[[list[In]], list[Out]], max_group: int = 128) -> None:
+        self.write = write
         self.max_group = max_group
-        self._queue: queue.SimpleQueue[tuple[Attempt, Future[bool]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="recorder", daemon=True)
+        self._queue: queue.SimpleQueue[tuple[In, Future[Out]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def record(self, attempt: Attempt) -> bool:
-        fut: Future[bool] = Future()
-        self._queue.put((attempt, fut))
+    def __call__(self, item: In) -> Out:
+        fut: Future[Out] = Future()
+        self._queue.put((item, fut))
         return fut.result()
 
     def close(self) -> None:
@@ -183,12 +187,12 @@ class GroupRecorder:
         self._thread.join(timeout=60)
 
     def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
+        closing = False
+        while not closing:
+            first = self._queue.get()
+            if first is None:
                 return
-            group = [item]
-            closing = False
+            group = [first]
             while len(group) < self.max_group:
                 try:
                     more = self._queue.get_nowait()
@@ -199,15 +203,16 @@ class GroupRecorder:
                     break
                 group.append(more)
             try:
-                owned = self.repo.record(self.run_id, self.provider, [a for a, _ in group])
+                results = self.write([item for item, _ in group])
             except BaseException as exc:
                 for _, fut in group:
                     fut.set_exception(exc)
             else:
-                for (_, fut), mine in zip(group, owned, strict=True):
-                    fut.set_result(mine)
-            if closing:
-                return
+                for (_, fut), result in zip(group, results, strict=True):
+                    fut.set_result(result)
+
+
+FenceResult = Literal["fenced", "expired", "lost"]
 
 
 @dataclass
@@ -218,6 +223,7 @@ class _Sent:
     latency_ms: int
     owned: bool
     error: BaseException | None = None
+    fence: FenceResult = "fenced"
 
 
 @dataclass
@@ -352,7 +358,10 @@ class Runner:
         exhausted = False  # the queue had nothing more due (burst mode ends)
         last_poll = -1e9
         pool = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="send")
-        self._recorder = GroupRecorder(self.repo, self.run_id, self.provider_name)
+        self._fencer: GroupCommit[tuple[int, str], FenceResult] = GroupCommit("fence", self._fence_group)
+        self._recorder: GroupCommit[Attempt, bool] = GroupCommit(
+            "record", lambda attempts: self.repo.record(self.run_id, self.provider_name, attempts)
+        )
         try:
             while True:
                 now = self.clock()
@@ -390,6 +399,7 @@ class Runner:
                     self.stop_event.wait(timeout)
         finally:
             pool.shutdown(wait=True)
+            self._fencer.close()
             self._recorder.close()
 
     def _next_wake(
@@ -465,31 +475,31 @@ class Runner:
         pending.extend(keep)
         if not wave:
             return
-        by_token: dict[str, list[ClaimedRow]] = {}
         for row, token in wave:
-            by_token.setdefault(token, []).append(row)
-        for token, rows in by_token.items():
-            fenced, expired = self.repo.fence(token, [r.id for r in rows])
-            for row in rows:
-                if row.id in fenced:
-                    fut = pool.submit(self._send_one, row, token)
-                    inflight[fut] = (row, token)
-                    continue
-                self.pairs.cancel(row.telefono)
-                if row.id in expired:
-                    self.counts.expired += 1
-                    self._log_row(row, "cancelado (expired)", None)
-                else:
-                    self.counts.lost += 1
-                    logger.warning(
-                        "row %s is no longer ours (claim token or state changed): not sent",
-                        row.id,
-                        extra={"action": "lost", "job": str(row.id)},
-                    )
+            fut = pool.submit(self._send_one, row, token)
+            inflight[fut] = (row, token)
+
+    def _fence_group(self, items: list[tuple[int, str]]) -> list[FenceResult]:
+        """The wave of rows whose slots were granted meanwhile: one committed
+        UPDATE per claim token (usually one)."""
+        by_token: dict[str, list[int]] = {}
+        for row_id, token in items:
+            by_token.setdefault(token, []).append(row_id)
+        fenced: set[tuple[int, str]] = set()
+        expired: set[tuple[int, str]] = set()
+        for token, ids in by_token.items():
+            ok, gone = self.repo.fence(token, ids)
+            fenced.update((i, token) for i in ok)
+            expired.update((i, token) for i in gone)
+        return ["fenced" if it in fenced else "expired" if it in expired else "lost" for it in items]
 
     # --- one message --------------------------------------------------------
 
     def _send_one(self, row: ClaimedRow, token: str) -> _Sent:
+        # Just before the request: procesando -> enviando, committed, or not at all.
+        fence = self._fencer((row.id, token))
+        if fence != "fenced":
+            return _Sent(row, None, None, 0, False, fence=fence)
         started_at = dt.datetime.now(dt.UTC).replace(tzinfo=None) + self._offset
         t0 = time.monotonic()
         try:
@@ -500,7 +510,7 @@ class Runner:
         latency_ms = int((time.monotonic() - t0) * 1000)
         outcome = classify(result, row, self.policy, self.settings.pair_interval)
         try:
-            owned = self._recorder.record(Attempt(row, token, outcome, started_at, latency_ms))
+            owned = self._recorder(Attempt(row, token, outcome, started_at, latency_ms))
         except Exception as exc:
             # The row stays `enviando`: recovery will make it `incierto`.
             logger.exception(
@@ -513,6 +523,19 @@ class Runner:
 
     def _finished(self, sent: _Sent, row: ClaimedRow) -> None:
         now = self.clock()
+        if sent.fence != "fenced":
+            self.pairs.cancel(row.telefono)
+            if sent.fence == "expired":
+                self.counts.expired += 1
+                self._log_row(row, "cancelado (expired)", None)
+            else:
+                self.counts.lost += 1
+                logger.warning(
+                    "row %s is no longer ours (claim token or state changed): not sent",
+                    row.id,
+                    extra={"action": "lost", "job": str(row.id)},
+                )
+            return
         result = sent.result
         extra_wait = 0.0
         if isinstance(result, Throttled):
