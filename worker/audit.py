@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 
 from worker import db
 from worker.errors import AuditFailed
-from worker.masking import mask_phone
+from worker.masking import mask_customer_id, mask_phone
 from worker.queue import RUN_ACTIVE
 from worker.schema import (
     ENVIADO,
@@ -57,7 +57,11 @@ def run_audit(engine: Engine, hours: float) -> dict[str, Any]:
             )
         ]
         by_customer = [
-            {"cliente_id": r[0], "messages": int(r[1]), "jobs": sorted(str(x) for x in _ids(r[2]))}
+            {
+                "cliente_id": mask_customer_id(r[0]),
+                "messages": int(r[1]),
+                "jobs": sorted(str(x) for x in _ids(r[2])),
+            }
             for r in conn.execute(
                 sa.select(w.cliente_id, sa.func.count(), _group_ids(engine, w.cola_envio_id))
                 .select_from(envios_whatsapp.join(cola_envios, c.id == w.cola_envio_id))

@@ -66,7 +66,8 @@ def create_engine_from_settings(settings: Settings, *, pool_size: int = 5) -> En
 def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
     url = parse_url(raw_url)
     backend = url.get_backend_name()
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # hide_parameters: driver errors would otherwise carry phone numbers into logs (G7).
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
     if backend in ("mysql", "mariadb"):
         # READ COMMITTED: under REPEATABLE READ gap locks made producers wait
         # and claimers deadlock (DESIGN.md section 6).

@@ -3,7 +3,8 @@
 - :class:`RateLimiter`: a token bucket of ``rate`` messages/s. Its capacity is
   one token, so sends are spaced at least ``1/rate`` apart and no window of
   any length holds more than ``rate * window + 1`` of them. A sender throttle
-  halves the rate and pauses the bucket.
+  halves the rate and pauses the bucket; after 30 s without one, the rate
+  climbs back a quarter at a time to the configured value.
 - :class:`PairGate`: never two messages in flight to one recipient, and the
   next one starts at least ``interval`` seconds after the previous one ended.
 
@@ -21,16 +22,33 @@ from dataclasses import dataclass, field
 class RateLimiter:
     rate: float
     min_rate: float = 0.5
+    recover_after: float = 30.0  # seconds without a throttle before the rate climbs back
     _next: float = 0.0
+    _next_send: float = 0.0
+    _configured: float = 0.0
+    _last_throttle: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._configured = self.rate
 
     def try_acquire(self, now: float) -> bool:
         """Take a token if one is available at ``now``."""
         with self._lock:
+            self._maybe_recover(now)
             if now < self._next:
                 return False
             self._next = max(now, self._next) + 1.0 / self.rate
             return True
+
+    def send_delay(self, now: float) -> float:
+        """How long a granted send must still wait so that requests leave at
+        least ``1/rate`` apart (grants and requests are separated by the fence
+        commit, whose duration varies)."""
+        with self._lock:
+            at = max(now, self._next_send)
+            self._next_send = at + 1.0 / self.rate
+            return at - now
 
     def ready_at(self) -> float:
         with self._lock:
@@ -42,6 +60,14 @@ class RateLimiter:
             self.rate = max(self.min_rate, self.rate / 2)
             pause = retry_after if retry_after and retry_after > 0 else 1.0
             self._next = max(self._next, now + pause)
+            self._last_throttle = now
+
+    def _maybe_recover(self, now: float) -> None:
+        # After a quiet period, climb back by a quarter per period, never above the setting.
+        last = self._last_throttle
+        if last is not None and self.rate < self._configured and now - last >= self.recover_after:
+            self.rate = min(self._configured, self.rate * 1.25)
+            self._last_throttle = now if self.rate < self._configured else None
 
 
 @dataclass

@@ -18,3 +18,13 @@ def mask_phone(phone: str | None) -> str:
     if len(phone) <= _KEEP_HEAD + _KEEP_TAIL:
         return "*" * len(phone)
     return phone[:_KEEP_HEAD] + "*" * (len(phone) - _KEEP_HEAD - _KEEP_TAIL) + phone[-_KEEP_TAIL:]
+
+
+def mask_customer_id(customer_id: str | None) -> str:
+    """A customer id that is a phone number (the default id) is masked like one."""
+    if not customer_id:
+        return ""
+    digits = customer_id.lstrip("+").replace(" ", "").replace("-", "")
+    if digits.isdigit() and len(digits) >= 7:
+        return mask_phone(customer_id)
+    return customer_id

@@ -47,10 +47,19 @@ logger = logging.getLogger(__name__)
 c = cola_envios.c
 e = ejecuciones.c
 
+# Provider values are clipped to their columns: one over-long code must not
+# make a whole group of outcomes fail to save.
+CODE_LEN = int(cola_envios.c.error_codigo.type.length or 32)  # type: ignore[attr-defined]
+MSG_ID_LEN = int(cola_envios.c.proveedor_msg_id.type.length or 128)  # type: ignore[attr-defined]
+
 RUN_ACTIVE = "activa"
 RUN_FINISHED = "terminada"
 RUN_FAILED = "fallida"
 RUN_DEAD = "muerta"
+
+
+class LeaseLost(Exception):
+    """This run was declared dead by a recovery (its heartbeat was older than the lease)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +260,9 @@ class QueueRepository:
 
     def claim(self, run_id: int, token: str, limit: int, session_id: int | None = None) -> list[ClaimedRow]:
         def tx(conn: Connection) -> list[ClaimedRow]:
+            state = conn.execute(sa.select(e.estado).where(e.id == run_id)).scalar_one_or_none()
+            if state != RUN_ACTIVE:
+                raise LeaseLost(f"run {run_id} is {state or 'gone'}: a recovery declared it dead")
             inactive = self.inactive_session_ids(conn)
             now = db.db_now(conn)
             sel = self._due_select(now, limit, session_id, inactive).with_for_update(skip_locked=True)
@@ -295,53 +307,68 @@ class QueueRepository:
 
     # --- fence --------------------------------------------------------------
 
-    def fence(self, token: str, ids: Sequence[int]) -> tuple[set[int], set[int]]:
-        """Move a wave ``procesando -> enviando`` (committed) just before the
-        requests. Returns (fenced ids, expired ids). Rows past ``enviar_hasta``
-        are cancelled as expired instead: never sent late."""
-        if not ids:
+    def fence(self, items: Sequence[tuple[int, str]]) -> tuple[set[int], set[int]]:
+        """Move a wave of ``(id, claim token)`` rows ``procesando -> enviando``
+        in one committed transaction, just before their requests. Returns
+        (fenced ids, expired ids). Rows past ``enviar_hasta`` are cancelled as
+        expired instead: never sent late. If it raises, nothing was fenced."""
+        by_token: dict[str, list[int]] = {}
+        for row_id, token in items:
+            by_token.setdefault(token, []).append(row_id)
+        if not by_token:
             return set(), set()
 
         def tx(conn: Connection) -> tuple[set[int], set[int]]:
             now = db.db_now(conn)
-            mine = sa.and_(c.id.in_(list(ids)), c.claim_token == token, c.estado == PROCESANDO)
-            expired = {
-                int(r[0])
-                for r in conn.execute(
-                    sa.select(c.id).where(mine, c.enviar_hasta.is_not(None), c.enviar_hasta < now)
-                )
-            }
-            if expired:
-                conn.execute(
-                    cola_envios.update()
-                    .where(c.id.in_(expired), c.claim_token == token, c.estado == PROCESANDO)
-                    .values(
-                        estado=CANCELADO,
-                        claim_token=None,
-                        error_codigo="expired",
-                        error_texto="expired: enviar_hasta passed before it could be sent",
-                        actualizado_at=now,
-                    )
-                )
-            rest = [i for i in ids if i not in expired]
-            if not rest:
-                return set(), expired
-            matched = conn.execute(
-                cola_envios.update()
-                .where(c.id.in_(rest), c.claim_token == token, c.estado == PROCESANDO)
-                .values(estado=ENVIANDO, actualizado_at=now)
-            ).rowcount
-            if matched == len(rest):
-                return set(rest), expired
-            fenced = {
-                int(r[0])
-                for r in conn.execute(
-                    sa.select(c.id).where(c.id.in_(rest), c.claim_token == token, c.estado == ENVIANDO)
-                )
-            }
+            fenced: set[int] = set()
+            expired: set[int] = set()
+            for token, ids in by_token.items():
+                ok, gone = self._fence_token(conn, now, token, ids)
+                fenced |= ok
+                expired |= gone
             return fenced, expired
 
         return db.transaction(self.engine, tx)
+
+    def _fence_token(
+        self, conn: Connection, now: dt.datetime, token: str, ids: list[int]
+    ) -> tuple[set[int], set[int]]:
+        mine = sa.and_(c.id.in_(ids), c.claim_token == token, c.estado == PROCESANDO)
+        expired = {
+            int(r[0])
+            for r in conn.execute(
+                sa.select(c.id).where(mine, c.enviar_hasta.is_not(None), c.enviar_hasta < now)
+            )
+        }
+        if expired:
+            conn.execute(
+                cola_envios.update()
+                .where(c.id.in_(expired), c.claim_token == token, c.estado == PROCESANDO)
+                .values(
+                    estado=CANCELADO,
+                    claim_token=None,
+                    error_codigo="expired",
+                    error_texto="expired: enviar_hasta passed before it could be sent",
+                    actualizado_at=now,
+                )
+            )
+        rest = [i for i in ids if i not in expired]
+        if not rest:
+            return set(), expired
+        matched = conn.execute(
+            cola_envios.update()
+            .where(c.id.in_(rest), c.claim_token == token, c.estado == PROCESANDO)
+            .values(estado=ENVIANDO, actualizado_at=now)
+        ).rowcount
+        if matched == len(rest):
+            return set(rest), expired
+        fenced = {
+            int(r[0])
+            for r in conn.execute(
+                sa.select(c.id).where(c.id.in_(rest), c.claim_token == token, c.estado == ENVIANDO)
+            )
+        }
+        return fenced, expired
 
     # --- outcomes -----------------------------------------------------------
 
@@ -374,7 +401,7 @@ class QueueRepository:
                             "cliente_id": a.row.cliente_id,
                             "telefono": a.row.telefono,
                             "proveedor": provider,
-                            "proveedor_msg_id": a.outcome.message_id,
+                            "proveedor_msg_id": _clip(a.outcome.message_id, MSG_ID_LEN),
                             "fecha_envio": now,
                         }
                     )
@@ -386,9 +413,9 @@ class QueueRepository:
                         "fin_at": now,
                         "resultado": a.outcome.resultado,
                         "http_status": a.outcome.http_status,
-                        "codigo": a.outcome.code,
+                        "codigo": _clip(a.outcome.code, CODE_LEN),
                         "latencia_ms": a.latency_ms,
-                        "proveedor_msg_id": a.outcome.message_id,
+                        "proveedor_msg_id": _clip(a.outcome.message_id, MSG_ID_LEN),
                     }
                 )
             if ledger:
@@ -427,7 +454,7 @@ def _outcome_values(a: Attempt, provider: str, now: dt.datetime) -> dict[str, An
         values.update(
             enviado_at=now,
             proveedor=provider,
-            proveedor_msg_id=outcome.message_id,
+            proveedor_msg_id=_clip(outcome.message_id, MSG_ID_LEN),
             error_codigo=None,
             error_texto=None,
         )
@@ -436,9 +463,11 @@ def _outcome_values(a: Attempt, provider: str, now: dt.datetime) -> dict[str, An
         if outcome.delay is not None:
             values["proximo_intento_at"] = now + dt.timedelta(seconds=outcome.delay)
         if outcome.code is not None or outcome.text is not None:
-            values.update(error_codigo=outcome.code, error_texto=_clip(outcome.text))
+            values.update(error_codigo=_clip(outcome.code, CODE_LEN), error_texto=_clip(outcome.text))
     else:  # error, incierto
-        values.update(proveedor=provider, error_codigo=outcome.code, error_texto=_clip(outcome.text))
+        values.update(
+            proveedor=provider, error_codigo=_clip(outcome.code, CODE_LEN), error_texto=_clip(outcome.text)
+        )
     return values
 
 

@@ -29,7 +29,7 @@ from typing import Any, Generic, Literal, TypeVar
 from worker import db
 from worker.errors import ConfigError, SenderBlockedError, UsageError
 from worker.limits import PairGate, RateLimiter
-from worker.masking import mask_phone
+from worker.masking import mask_customer_id, mask_phone
 from worker.providers.base import (
     Accepted,
     Ambiguous,
@@ -46,6 +46,7 @@ from worker.queue import (
     RUN_FINISHED,
     Attempt,
     ClaimedRow,
+    LeaseLost,
     Outcome,
     QueueRepository,
 )
@@ -140,6 +141,14 @@ def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_inte
     )
 
 
+def customer_label(row: ClaimedRow) -> str:
+    """The name for logs: the display name, else the customer id, masked when
+    it is a phone number (the id defaults to the phone)."""
+    if row.cliente_nombre:
+        return row.cliente_nombre
+    return mask_customer_id(row.cliente_id)
+
+
 def build_request(row: ClaimedRow) -> SendRequest:
     p = row.payload
     if row.tipo == "template":
@@ -204,15 +213,23 @@ class GroupCommit(Generic[In, Out]):
                 group.append(more)
             try:
                 results = self.write([item for item, _ in group])
-            except BaseException as exc:
-                for _, fut in group:
-                    fut.set_exception(exc)
+            except Exception as exc:
+                if len(group) == 1:
+                    group[0][1].set_exception(exc)
+                    continue
+                # One bad item must not fail the others: write them one by one.
+                for item, fut in group:
+                    try:
+                        fut.set_result(self.write([item])[0])
+                    except Exception as one_exc:
+                        fut.set_exception(one_exc)
             else:
                 for (_, fut), result in zip(group, results, strict=True):
                     fut.set_result(result)
 
 
-FenceResult = Literal["fenced", "expired", "lost"]
+# "error": the fence transaction failed, so the row is still `procesando` with our token.
+FenceResult = Literal["fenced", "expired", "lost", "error"]
 
 
 @dataclass
@@ -277,15 +294,7 @@ class Runner:
         heartbeat.start()
         estado = RUN_FAILED
         try:
-            rec = self.repo.recover(s.lease_seconds)
-            if rec.runs or rec.requeued or rec.uncertain:
-                logger.warning(
-                    "recovered %d dead run(s): %d row(s) back to pendiente, %d to incierto",
-                    rec.runs,
-                    rec.requeued,
-                    rec.uncertain,
-                    extra={"action": "recover"},
-                )
+            self._recover()
             self._dispatch()
             estado = RUN_FINISHED
         finally:
@@ -296,7 +305,7 @@ class Runner:
         code = 0
         if self._blocked is not None:
             code = SenderBlockedError.exit_code
-        elif self.counts.record_errors:
+        elif self.counts.record_errors or self._lost_lease:
             code = 1
         result = RunResult(
             counts=self.counts,
@@ -324,6 +333,17 @@ class Runner:
         )
         return result
 
+    def _recover(self) -> None:
+        rec = self.repo.recover(self.settings.lease_seconds)
+        if rec.runs or rec.requeued or rec.uncertain:
+            logger.warning(
+                "recovered %d dead run(s): %d row(s) back to pendiente, %d to incierto",
+                rec.runs,
+                rec.requeued,
+                rec.uncertain,
+                extra={"action": "recover"},
+            )
+
     def request_stop(self, reason: str = "signal") -> None:
         if reason == "signal":
             self._signalled = True
@@ -331,9 +351,14 @@ class Runner:
 
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, self.settings.lease_seconds / 4)  # at least three beats per lease
+        beats = 0
         while not self._hb_stop.wait(interval):
+            beats += 1
             try:
                 alive = self.repo.heartbeat(self.run_id)
+                if alive and beats % 2 == 0:
+                    # A long run (or --loop) keeps recovering runs that die meanwhile.
+                    self._recover()
             except Exception:
                 logger.exception("heartbeat failed", extra={"action": "heartbeat"})
                 continue
@@ -357,6 +382,7 @@ class Runner:
         inflight: dict[Future[_Sent], tuple[ClaimedRow, str]] = {}
         exhausted = False  # the queue had nothing more due (burst mode ends)
         last_poll = -1e9
+        self._unsent: list[tuple[ClaimedRow, str]] = []  # fence failed: still procesando, ours
         pool = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="send")
         self._fencer: GroupCommit[tuple[int, str], FenceResult] = GroupCommit("fence", self._fence_group)
         self._recorder: GroupCommit[Attempt, bool] = GroupCommit(
@@ -377,7 +403,13 @@ class Runner:
                     low_water = len(pending) < s.concurrency
                     poll_ok = not exhausted or (looping and now - last_poll >= s.poll_interval)
                     if want > 0 and low_water and poll_ok:
-                        got = self._claim(min(s.batch_size, want))
+                        try:
+                            got = self._claim(min(s.batch_size, want))
+                        except LeaseLost as exc:
+                            logger.error("%s: stopping", exc, extra={"action": "lost_lease"})
+                            self._lost_lease = True
+                            self.stop_event.set()
+                            continue
                         last_poll = now
                         pending.extend(got)
                         exhausted = len(got) == 0
@@ -393,14 +425,19 @@ class Runner:
                 if inflight:
                     done, _ = wait(list(inflight), timeout=timeout, return_when=FIRST_COMPLETED)
                     for fut in done:
-                        row, _token = inflight.pop(fut)
-                        self._finished(fut.result(), row)
+                        row, token = inflight.pop(fut)
+                        self._finished(fut.result(), row, token)
                 elif timeout > 0:
                     self.stop_event.wait(timeout)
         finally:
             pool.shutdown(wait=True)
             self._fencer.close()
             self._recorder.close()
+            # Whatever is still claimed and unsent goes back, even after an error.
+            try:
+                self._release(deque([*pending, *self._unsent]))
+            except Exception:
+                logger.exception("could not release claimed rows", extra={"action": "release"})
 
     def _next_wake(
         self,
@@ -439,6 +476,8 @@ class Runner:
         return [(r, token) for r in rows]
 
     def _release(self, pending: deque[tuple[ClaimedRow, str]]) -> None:
+        if not pending:
+            return
         by_token: dict[str, list[int]] = {}
         for row, token in pending:
             by_token.setdefault(token, []).append(row.id)
@@ -480,30 +519,39 @@ class Runner:
             inflight[fut] = (row, token)
 
     def _fence_group(self, items: list[tuple[int, str]]) -> list[FenceResult]:
-        """The wave of rows whose slots were granted meanwhile: one committed
-        UPDATE per claim token (usually one)."""
-        by_token: dict[str, list[int]] = {}
-        for row_id, token in items:
-            by_token.setdefault(token, []).append(row_id)
-        fenced: set[tuple[int, str]] = set()
-        expired: set[tuple[int, str]] = set()
-        for token, ids in by_token.items():
-            ok, gone = self.repo.fence(token, ids)
-            fenced.update((i, token) for i in ok)
-            expired.update((i, token) for i in gone)
-        return ["fenced" if it in fenced else "expired" if it in expired else "lost" for it in items]
+        """The wave of rows whose slots were granted meanwhile: one transaction."""
+        fenced, expired = self.repo.fence(items)
+        return ["fenced" if i in fenced else "expired" if i in expired else "lost" for i, _ in items]
 
     # --- one message --------------------------------------------------------
 
     def _send_one(self, row: ClaimedRow, token: str) -> _Sent:
         # Just before the request: procesando -> enviando, committed, or not at all.
-        fence = self._fencer((row.id, token))
+        try:
+            request = build_request(row)
+        except Exception as exc:  # a malformed payload: nothing can go out, ever
+            request = None
+            bad_payload = f"invalid payload: {type(exc).__name__}"
+        try:
+            fence = self._fencer((row.id, token))
+        except Exception as exc:
+            logger.exception("fence failed", extra={"action": "fence_error", "job": str(row.id)})
+            return _Sent(row, None, None, 0, False, error=exc, fence="error")
         if fence != "fenced":
             return _Sent(row, None, None, 0, False, fence=fence)
+        # The slot was granted before the fence; keep the spacing on the wire too
+        # (a slow fence commit must not release a burst).
+        pause = self.rate.send_delay(self.clock())
+        if pause > 0:
+            time.sleep(pause)
         started_at = dt.datetime.now(dt.UTC).replace(tzinfo=None) + self._offset
         t0 = time.monotonic()
         try:
-            result: SendResult = self.provider.send(build_request(row))
+            result: SendResult = (
+                self.provider.send(request)
+                if request is not None
+                else Permanent("invalid_payload", bad_payload)
+            )
         except Exception as exc:  # a provider bug: the request may have gone out
             logger.exception("provider raised", extra={"action": "provider_error", "job": str(row.id)})
             result = Ambiguous(text=f"provider raised {type(exc).__name__}")
@@ -521,11 +569,14 @@ class Runner:
             return _Sent(row, outcome, result, latency_ms, False, exc)
         return _Sent(row, outcome, result, latency_ms, owned)
 
-    def _finished(self, sent: _Sent, row: ClaimedRow) -> None:
+    def _finished(self, sent: _Sent, row: ClaimedRow, token: str) -> None:
         now = self.clock()
         if sent.fence != "fenced":
             self.pairs.cancel(row.telefono)
-            if sent.fence == "expired":
+            if sent.fence == "error":
+                self.counts.record_errors += 1
+                self._unsent.append((row, token))
+            elif sent.fence == "expired":
                 self.counts.expired += 1
                 self._log_row(row, "cancelado (expired)", None)
             else:
@@ -597,7 +648,7 @@ class Runner:
             "[%d/%d] %s %s %s%s",
             n,
             self.counts.claimed,
-            row.cliente_nombre or row.cliente_id,
+            customer_label(row),
             mask_phone(row.telefono),
             label,
             latency,
@@ -606,7 +657,7 @@ class Runner:
                 "job": str(row.id),
                 "n": n,
                 "total": self.counts.claimed,
-                "customer": row.cliente_nombre or row.cliente_id,
+                "customer": customer_label(row),
                 "to": mask_phone(row.telefono),
                 "outcome": label,
                 "latency_ms": latency_ms,
@@ -636,7 +687,7 @@ def _dry_run(repo: QueueRepository, settings: Settings, session_id: int | None) 
     print(f"dry run: {len(rows)} message(s) would be sent now (nothing claimed, nothing written)")
     for row in rows:
         what = f"template {row.payload.get('template')}" if row.tipo == "template" else "text"
-        print(f"  {row.id}\t{row.cliente_nombre or row.cliente_id}\t{mask_phone(row.telefono)}\t{what}")
+        print(f"  {row.id}\t{customer_label(row)}\t{mask_phone(row.telefono)}\t{what}")
     return 0
 
 

@@ -104,13 +104,37 @@ def test_throttled_never_shortens_an_existing_pause() -> None:
 
 
 def test_repeated_throttles_stop_at_the_minimum_rate() -> None:
-    rl = RateLimiter(80.0, min_rate=0.5)
+    rl = RateLimiter(80.0, min_rate=0.5, recover_after=float("inf"))
     for k in range(20):
         rl.throttled(float(k), retry_after=0.1)
     assert rl.rate == 0.5
     grants = drive(rl, [100 + k * 0.01 for k in range(2000)])
     assert max_in_window(grants, 10.0) <= 0.5 * 10 + 1
     assert len(grants) >= 9  # still sends: 20 s at 0.5/s
+
+
+def test_rate_climbs_back_after_quiet_periods_never_above_the_setting() -> None:
+    rl = RateLimiter(80.0, recover_after=30.0)
+    rl.throttled(0.0, retry_after=1.0)
+    rl.throttled(0.5, retry_after=1.0)
+    assert rl.rate == 20.0
+    assert rl.try_acquire(10.0) and rl.rate == 20.0  # not quiet long enough yet
+    assert rl.try_acquire(31.0) and rl.rate == 25.0
+    rates = []
+    for k in range(1, 12):
+        rl.try_acquire(31.0 + 30.0 * k)
+        rates.append(rl.rate)
+    assert rates == sorted(rates) and rates[-1] == 80.0
+    rl.try_acquire(10_000.0)
+    assert rl.rate == 80.0
+
+
+def test_send_delay_spaces_requests_that_were_granted_together() -> None:
+    rl = RateLimiter(20.0)
+    # Five grants, then a slow fence commit releases their threads at the same instant.
+    delays = [rl.send_delay(5.0) for _ in range(5)]
+    assert delays == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    assert rl.send_delay(10.0) == 0.0  # no credit saved up while idle
 
 
 # --- PairGate ---------------------------------------------------------------------

@@ -82,7 +82,7 @@ def _two_values(opt: Option) -> tuple[str, str, Any, Any]:
 
 def test_empty_environment_value_means_default() -> None:
     s = load_settings(environ={"COLA_CONCURRENCY": "  ", "COLA_PROVIDER": "", "COLA_META_BASE_URL": ""})
-    assert s.concurrency == 16
+    assert s.concurrency == OPTIONS_BY_NAME["concurrency"].default == 32
     assert s.provider is None
     assert s.meta_base_url == OPTIONS_BY_NAME["meta_base_url"].default
 
