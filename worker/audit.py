@@ -17,10 +17,11 @@ import argparse
 import datetime as dt
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from worker import db
 from worker.errors import AuditFailed
@@ -56,30 +57,8 @@ def run_audit(engine: Engine, hours: float) -> dict[str, Any]:
                 .having(sa.func.count() > 1)
             )
         ]
-        by_customer = [
-            {
-                "cliente_id": mask_customer_id(r[0]),
-                "messages": int(r[1]),
-                "jobs": sorted(str(x) for x in _ids(r[2])),
-            }
-            for r in conn.execute(
-                sa.select(w.cliente_id, sa.func.count(), _group_ids(engine, w.cola_envio_id))
-                .select_from(envios_whatsapp.join(cola_envios, c.id == w.cola_envio_id))
-                .where(w.fecha_envio >= since)
-                .group_by(w.cliente_id, c.payload)
-                .having(sa.func.count() > 1)
-            )
-        ]
-        by_recipient = [
-            {"telefono": mask_phone(r[0]), "messages": int(r[1]), "jobs": sorted(str(x) for x in _ids(r[2]))}
-            for r in conn.execute(
-                sa.select(w.telefono, sa.func.count(), _group_ids(engine, w.cola_envio_id))
-                .select_from(envios_whatsapp.join(cola_envios, c.id == w.cola_envio_id))
-                .where(w.fecha_envio >= since)
-                .group_by(w.telefono, c.payload)
-                .having(sa.func.count() > 1)
-            )
-        ]
+        by_customer = _same_content_twice(conn, engine, w.cliente_id, "cliente_id", mask_customer_id, since)
+        by_recipient = _same_content_twice(conn, engine, w.telefono, "telefono", mask_phone, since)
         sent_without_ledger = [
             str(r[0])
             for r in conn.execute(
@@ -132,6 +111,20 @@ def run_audit(engine: Engine, hours: float) -> dict[str, Any]:
         "claimed_by_dead_runs": orphaned,
         "incierto_waiting_for_operator": uncertain,
     }
+
+
+def _same_content_twice(
+    conn: Connection, engine: Engine, key: Any, name: str, mask: Callable[[str], str], since: dt.datetime
+) -> list[dict[str, Any]]:
+    """Who (by ``key``) received the same content more than once since ``since``."""
+    rows = conn.execute(
+        sa.select(key, sa.func.count(), _group_ids(engine, w.cola_envio_id))
+        .select_from(envios_whatsapp.join(cola_envios, c.id == w.cola_envio_id))
+        .where(w.fecha_envio >= since)
+        .group_by(key, c.payload)
+        .having(sa.func.count() > 1)
+    )
+    return [{name: mask(r[0]), "messages": int(r[1]), "jobs": sorted(_ids(r[2]))} for r in rows]
 
 
 def _group_ids(engine: Engine, col: Any) -> Any:
