@@ -364,7 +364,10 @@ def meta_cases() -> list[Case]:
         Case("403-nobody", 403, None, SenderBlocked),
         Case("404-html", 404, b"<html>no</html>", Permanent),
         Case("unknown-4xx", 400, meta_error(999999), Permanent, "999999"),
-        Case("unknown-5xx", 503, meta_error(999999), Retryable, "999999"),
+        # A 5xx proves "not accepted" only with an explicit temporary code.
+        Case("unknown-5xx", 503, meta_error(999999), Ambiguous, "999999"),
+        Case("gateway-json-5xx", 504, {"error": {"message": "upstream request timeout"}}, Ambiguous),
+        Case("wrong-phone-number-id", 400, meta_error(100, subcode=33), SenderBlocked, "100"),
         Case("code-as-string", 400, meta_error("131026"), Permanent, "131026"),
     ]
     for code in (1, 2, 131000, 131016, 131057):
@@ -466,8 +469,10 @@ class TestMetaProvider(ProviderContract):
         result = self.send_one(httpx.Response(400, json=meta_error(131026, "x" * 2000, subcode=2494010)))
         assert isinstance(result, Permanent)
         assert len(result.text) <= 500
-        result = self.send_one(httpx.Response(400, json=meta_error(100, "Invalid parameter", subcode=33)))
-        assert isinstance(result, Permanent) and "subcode 33" in result.text
+        result = self.send_one(
+            httpx.Response(400, json=meta_error(100, "Invalid parameter", subcode=2494010))
+        )
+        assert isinstance(result, Permanent) and "subcode 2494010" in result.text
 
 
 class TestFakeProvider(TestMetaProvider):
@@ -520,8 +525,12 @@ def twilio_cases() -> list[Case]:
         Case("401-nobody", 401, None, SenderBlocked),
         Case("403-nobody", 403, None, SenderBlocked),
         Case("other-4xx", 400, twilio_error(21610, 400), Permanent, "21610"),
-        Case("404-html", 404, b"<html>no</html>", Permanent),
-        Case("5xx-with-twilio-body", 500, twilio_error(20500, 500), Retryable, "20500"),
+        # A 404 means a wrong account SID or base URL: every row would fail, so stop.
+        Case("404-html", 404, b"<html>no</html>", SenderBlocked),
+        Case("20404-account-not-found", 404, twilio_error(20404, 404), SenderBlocked, "20404"),
+        # A 5xx proves "not accepted" only with an explicit temporary code (20503).
+        Case("5xx-with-twilio-body", 500, twilio_error(20500, 500), Ambiguous, "20500"),
+        Case("gateway-json-5xx", 504, {"message": "Endpoint request timed out"}, Ambiguous),
     ]
     for code in (21211, 63016, 21614, 21408, 63024):
         cases.append(Case(f"{code}-permanent", 400, twilio_error(code, 400), Permanent, str(code)))
@@ -612,6 +621,7 @@ class TestWebhookProvider(ProviderContract):
             "bad_number",
         ),
         Case("422-nobody", 422, None, Permanent),
+        Case("404-wrong-url", 404, None, SenderBlocked),
         Case("500-retryable", 500, {"error": {"code": "busy", "retryable": True}}, Retryable, "busy"),
         Case("503-retryable-false", 503, {"error": {"code": "x", "retryable": False}}, Ambiguous, "x"),
         Case("500-json-without-error", 500, {"detail": "oops"}, Ambiguous),

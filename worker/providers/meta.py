@@ -41,6 +41,9 @@ RETRYABLE = frozenset({1, 2, 131000, 131016, 131057})
 SENDER_BLOCKED = frozenset({190, 10, 368, 131005, 131031, 131042, *range(200, 300)})
 PERMANENT = frozenset({100, 131008, 131009, 131021, 131026, 131047, 131051, 133010, *range(132000, 133000)})
 
+# Code 100 with this subcode: "Object with ID ... does not exist" (the phone number id).
+WRONG_PHONE_NUMBER_ID_SUBCODE = 33
+
 SANDBOX_PHONE_NUMBER_ID = "sandbox"
 SANDBOX_TOKEN = "sandbox"
 
@@ -52,7 +55,9 @@ def classify_meta(response: httpx.Response, clean: Callable[[object], str] = str
     error = body.get("error") if isinstance(body, dict) else None
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
 
-    if isinstance(error, dict):
+    # A Meta error body carries an integer code; a JSON "error" without one may
+    # come from a proxy or gateway in front of Meta, and proves nothing.
+    if isinstance(error, dict) and _meta_code(error.get("code")) is not None:
         return _classify_error(error, status, retry_after, clean)
     if 200 <= status < 300:
         messages = body.get("messages") if isinstance(body, dict) else None
@@ -71,10 +76,7 @@ def classify_meta(response: httpx.Response, clean: Callable[[object], str] = str
 def _classify_error(
     error: dict[str, Any], status: int, retry_after: float | None, clean: Callable[[object], str]
 ) -> SendResult:
-    raw_code = error.get("code")
-    code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
-    if code is None and isinstance(raw_code, str) and raw_code.isdigit():
-        code = int(raw_code)
+    code = _meta_code(error.get("code"))
     code_text = str(code) if code is not None else None
     message = str(error.get("message") or error.get("error_user_msg") or f"HTTP {status}")
     subcode = error.get("error_subcode")
@@ -88,18 +90,27 @@ def _classify_error(
         return Throttled("sender", retry_after, code_text, text, status)
     if code in RETRYABLE:
         return Retryable(code_text, text, retry_after, status)
-    if code in SENDER_BLOCKED:
+    if code in SENDER_BLOCKED or (code == 100 and subcode == WRONG_PHONE_NUMBER_ID_SUBCODE):
+        # A configuration mistake (e.g. a wrong phone number id) would fail every row: stop instead.
         return SenderBlocked(code_text, text, status)
     if code in PERMANENT:
         return Permanent(code_text, text, status)
-    # Unknown code, but a Meta body proves the request was processed and refused.
     if status == 429:
         return Throttled("sender", retry_after, code_text, text, status)
     if 500 <= status < 600:
-        return Retryable(code_text, text, retry_after, status)
+        # Only the explicit temporary codes above prove "not accepted" on a 5xx.
+        return Ambiguous(text, code_text, status)
     if status in (401, 403) and code is None:
         return SenderBlocked(code_text, text, status)
     return Permanent(code_text, text, status)
+
+
+def _meta_code(raw: object) -> int | None:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.isdigit():
+        return int(raw)
+    return None
 
 
 def message_payload(request: SendRequest) -> dict[str, Any] | Permanent:

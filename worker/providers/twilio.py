@@ -40,6 +40,7 @@ RETRYABLE = frozenset({20503})
 # number, 21408 region not enabled, 63024 invalid recipient.
 PERMANENT = frozenset({21211, 63016, 21614, 21408, 63024})
 SENDER_BLOCKED = frozenset({20003})
+ACCOUNT_NOT_FOUND = 20404  # with HTTP 404: the account SID (in the URL) does not exist
 
 
 def whatsapp_address(number: str) -> str:
@@ -58,7 +59,9 @@ def classify_twilio(response: httpx.Response, clean: Callable[[object], str] = s
 
     raw_code = body.get("code") if isinstance(body, dict) else None
     code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
-    has_twilio_body = isinstance(body, dict) and (code is not None or "message" in body)
+    # A Twilio error body carries an integer code; {"message": ...} alone may come
+    # from a gateway or proxy in front of Twilio, and proves nothing.
+    has_twilio_body = isinstance(body, dict) and code is not None
     code_text = str(code) if code is not None else None
     if has_twilio_body:
         assert isinstance(body, dict)
@@ -70,13 +73,18 @@ def classify_twilio(response: httpx.Response, clean: Callable[[object], str] = s
         return Throttled("sender", retry_after, code_text, text, status)
     if code in RETRYABLE:
         return Retryable(code_text, text, retry_after, status)
-    if code in SENDER_BLOCKED or status == 401 or (status == 403 and not has_twilio_body):
+    if (
+        code in SENDER_BLOCKED
+        or status == 401
+        or (status == 403 and not has_twilio_body)
+        or (status == 404 and code in (None, ACCOUNT_NOT_FOUND))
+    ):
+        # Credentials, or a configuration mistake (wrong account SID or base
+        # URL) that would fail every row: stop the run instead.
         return SenderBlocked(code_text, text, status)
     if code in PERMANENT or 400 <= status < 500:
         return Permanent(code_text, text, status)
-    if 500 <= status < 600 and has_twilio_body:
-        # A Twilio error body proves the request was processed and refused.
-        return Retryable(code_text, text, retry_after, status)
+    # A 5xx is "not accepted" only with an explicit temporary code (above).
     return Ambiguous(text=text, code=code_text, http_status=status)
 
 

@@ -119,7 +119,8 @@ class WebhookProvider(HttpProvider):
         if status == 429:
             recipient = isinstance(body, dict) and body.get("scope") == "recipient"
             return Throttled("recipient" if recipient else "sender", retry_after, code, text, status)
-        if status in (401, 403):
+        if status in (401, 403, 404):
+            # Credentials, or a wrong URL that would fail every row: stop the run.
             return SenderBlocked(code, text, status)
         if 400 <= status < 500:
             return Permanent(code, text, status)
