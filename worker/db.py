@@ -78,12 +78,22 @@ def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
         query = dict(url.query)
         query.setdefault("charset", "utf8mb4")
         url = url.set(query=query)
-        kwargs["connect_args"] = {"connect_timeout": 10}
+        # Read/write timeouts: a network that drops packets mid-query must not
+        # hang the run's writer threads (and its shutdown) for ever.
+        kwargs["connect_args"] = {"connect_timeout": 10, "read_timeout": 120, "write_timeout": 120}
     elif backend == "postgresql":
         kwargs["isolation_level"] = "READ COMMITTED"
         kwargs["pool_size"] = pool_size
         kwargs["max_overflow"] = pool_size
-        kwargs["connect_args"] = {"connect_timeout": 10}
+        # TCP keepalives and a user timeout: the same, for libpq.
+        kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 120000,
+        }
     else:  # sqlite: writes are serialised; wait for the writer instead of failing.
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     try:

@@ -27,6 +27,7 @@ class RateLimiter:
     _next_send: float = 0.0
     _configured: float = 0.0
     _last_throttle: float | None = None
+    _last_halving: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,9 +56,13 @@ class RateLimiter:
             return self._next
 
     def throttled(self, now: float, retry_after: float | None) -> None:
-        """The provider said we send too fast: halve the rate and pause."""
+        """The provider said we send too fast: halve the rate and pause. The
+        answers to requests already in flight come back together, so the rate
+        is halved at most once per second (one throttle episode, one halving)."""
         with self._lock:
-            self.rate = max(self.min_rate, self.rate / 2)
+            if self._last_halving is None or now - self._last_halving >= 1.0:
+                self.rate = max(self.min_rate, self.rate / 2)
+                self._last_halving = now
             pause = retry_after if retry_after and retry_after > 0 else 1.0
             self._next = max(self._next, now + pause)
             self._last_throttle = now

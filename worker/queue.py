@@ -392,6 +392,10 @@ class QueueRepository:
                     .where(c.id == a.row.id, c.claim_token == a.token, c.estado == ENVIANDO)
                     .values(**_outcome_values(a, provider, now))
                 ).rowcount
+                if matched == 0 and self._already_recorded(conn, run_id, a):
+                    # Written by an earlier try whose COMMIT looked failed but was not.
+                    owned.append(True)
+                    continue
                 owned.append(matched == 1)
                 if matched == 1 and a.outcome.estado == ENVIADO:
                     ledger.append(
@@ -420,10 +424,23 @@ class QueueRepository:
                 )
             if ledger:
                 conn.execute(envios_whatsapp.insert(), ledger)
-            conn.execute(intentos_envio.insert(), journal)
+            if journal:
+                conn.execute(intentos_envio.insert(), journal)
             return owned
 
         return db.transaction(self.engine, tx)
+
+    @staticmethod
+    def _already_recorded(conn: Connection, run_id: int, a: Attempt) -> bool:
+        i = intentos_envio.c
+        return (
+            conn.execute(
+                sa.select(i.id)
+                .where(i.cola_envio_id == a.row.id, i.ejecucion_id == run_id, i.inicio_at == a.started_at)
+                .limit(1)
+            ).first()
+            is not None
+        )
 
     def release(self, token: str, ids: Sequence[int]) -> int:
         """Give back claimed rows that were not sent (``procesando -> pendiente``)."""

@@ -165,3 +165,28 @@ def test_customer_ids_that_are_phone_numbers_are_masked_in_logs(sqlite_db_url: s
         assert proc.stderr.count("+51*****0000") >= 2  # the customer and the recipient, both masked
     finally:
         server.stop()
+
+
+def test_recording_again_after_a_commit_that_looked_failed_writes_nothing_twice(db_url: str) -> None:
+    """The group writer re-writes a failed group row by row; if the group's
+    COMMIT had in fact succeeded, the second write must change nothing."""
+    ids = seed(db_url, 2)
+    engine = db.create_engine(db_url)
+    try:
+        repo = QueueRepository(engine)
+        run_id = repo.register_run("h", 1, "run")
+        claimed = repo.claim(run_id, "tok", 2)
+        repo.fence([(r.id, "tok") for r in claimed])
+        started = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        attempts = [
+            Attempt(r, "tok", Outcome("enviado", "accepted", True, message_id=f"wamid.{r.id}"), started, 3)
+            for r in claimed
+        ]
+        assert repo.record(run_id, "fake", attempts) == [True, True]
+        assert [repo.record(run_id, "fake", [a]) for a in attempts] == [[True], [True]]
+    finally:
+        engine.dispose()
+    assert scalar(db_url, "SELECT COUNT(*) FROM intentos_envio") == 2
+    assert scalar(db_url, "SELECT COUNT(*) FROM envios_whatsapp") == 2
+    assert states(db_url) == {"enviado": 2}
+    assert sorted(rows(db_url)) == ids

@@ -116,7 +116,7 @@ def test_repeated_throttles_stop_at_the_minimum_rate() -> None:
 def test_rate_climbs_back_after_quiet_periods_never_above_the_setting() -> None:
     rl = RateLimiter(80.0, recover_after=30.0)
     rl.throttled(0.0, retry_after=1.0)
-    rl.throttled(0.5, retry_after=1.0)
+    rl.throttled(1.0, retry_after=1.0)
     assert rl.rate == 20.0
     assert rl.try_acquire(10.0) and rl.rate == 20.0  # not quiet long enough yet
     assert rl.try_acquire(31.0) and rl.rate == 25.0
@@ -127,6 +127,15 @@ def test_rate_climbs_back_after_quiet_periods_never_above_the_setting() -> None:
     assert rates == sorted(rates) and rates[-1] == 80.0
     rl.try_acquire(10_000.0)
     assert rl.rate == 80.0
+
+
+def test_throttles_answered_together_halve_the_rate_once() -> None:
+    rl = RateLimiter(80.0)
+    for k in range(8):  # eight 429s for requests that were in flight together
+        rl.throttled(5.0 + k * 0.01, retry_after=None)
+    assert rl.rate == 40.0
+    rl.throttled(6.5, retry_after=None)  # a new episode
+    assert rl.rate == 20.0
 
 
 def test_send_delay_spaces_requests_that_were_granted_together() -> None:
