@@ -53,6 +53,8 @@ FIELDS = (
     "clave",
 )
 MAX_TEXT = 4096  # WhatsApp's limit for a text body
+MAX_PARAM_CHARS = 1024  # WhatsApp's limit for one template body parameter
+MAX_PAYLOAD_BYTES = 60_000  # the payload column is TEXT: 65,535 bytes on MySQL
 MAX_CLIENTE_ID = 64
 MAX_CLIENTE_NOMBRE = 200
 MAX_CLAVE = 128
@@ -197,7 +199,15 @@ def read_csv(stream: IO[str]) -> tuple[list[RawRow], list[InvalidRow]]:
             break
         except csv.Error as exc:
             errors.append(InvalidRow(start, "(row)", f"malformed CSV: {exc}"))
-            break  # the reader cannot resynchronise after a quoting error
+            # The reader cannot resynchronise after a quoting error: say so, so
+            # that --skip-invalid never drops the rest of the file in silence.
+            if any(line.strip() for line in lines):
+                errors.append(
+                    InvalidRow(
+                        start, "(rest of file)", "not read after the malformed row: fix it and import again"
+                    )
+                )
+            break
         except UnicodeDecodeError:
             errors.append(InvalidRow(start, "(row)", "not valid UTF-8 text"))
             break
@@ -399,6 +409,8 @@ def validate_row(
                 bad("parametros", "must be a list of strings")
             elif any(p.strip() == "" for p in parametros):
                 bad("parametros", "a parameter is empty (WhatsApp rejects empty parameters)")
+            elif any(len(p) > MAX_PARAM_CHARS for p in parametros):
+                bad("parametros", f"a parameter is longer than {MAX_PARAM_CHARS} characters")
             else:
                 params = list(parametros)
         content = {"template": plantilla, "language": idioma, "params": params}
@@ -427,6 +439,10 @@ def validate_row(
     if clave is not None and len(clave) > MAX_CLAVE:
         bad("clave", f"longer than {MAX_CLAVE} characters ({len(clave)})")
 
+    if content is not None and not problems:
+        size = len(canonical_json(content).encode("utf-8"))
+        if size > MAX_PAYLOAD_BYTES:
+            bad("parametros" if tipo == "template" else "mensaje", f"the message is too large ({size} bytes)")
     if problems:
         return [InvalidRow(row.line, *p.split("\0", 1)) for p in problems]
     assert content is not None
@@ -505,6 +521,24 @@ def _session_id(conn: Connection, name: str, now: dt.datetime) -> int:
 
 def _existing_keys(conn: Connection, keys: Sequence[str]) -> set[str]:
     return set(conn.execute(sa.select(cola_envios.c.clave).where(cola_envios.c.clave.in_(keys))).scalars())
+
+
+def _key_conflicts_within(messages: Sequence[Message]) -> tuple[list[Message], list[InvalidRow]]:
+    """A key given twice in one input for two different messages: the second is
+    invalid (silently dropping it would lose a message). The same message twice
+    is a plain repeat."""
+    first: dict[str, Message] = {}
+    kept: list[Message] = []
+    conflicts: list[InvalidRow] = []
+    for m in messages:
+        prev = first.setdefault(m.clave, m)
+        if prev is not m and (prev.telefono, prev.payload) != (m.telefono, m.payload):
+            conflicts.append(
+                InvalidRow(m.line, "clave", f"already used on line {prev.line} for a different message")
+            )
+            continue
+        kept.append(m)
+    return kept, conflicts
 
 
 def _write(
@@ -633,7 +667,8 @@ def import_rows(
     session = check_session_name(session)
     now = _db_call(lambda: _read_clock(engine))
     messages, invalid = validate_rows(rows, session=session, default_region=settings.default_region, now=now)
-    invalid = sorted([*read_errors, *invalid], key=lambda e: e.line)
+    messages, conflicts = _key_conflicts_within(messages)
+    invalid = sorted([*read_errors, *invalid, *conflicts], key=lambda e: e.line)
     if invalid and not skip_invalid:
         raise InvalidRowsError(invalid, naming=naming)
 

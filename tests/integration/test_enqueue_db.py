@@ -120,7 +120,7 @@ def test_repeats_within_one_input_count_as_already_queued(engine: sa.Engine, set
         {"telefono": "+51987654321", "mensaje": "a"},
         {"telefono": "+51 987 654 321", "mensaje": "a"},  # same after normalisation
         {"telefono": "+51987654322", "mensaje": "b", "clave": "k-1"},
-        {"telefono": "+51987654323", "mensaje": "c", "clave": "k-1"},
+        {"telefono": "+51987654322", "mensaje": "b", "clave": "k-1"},  # the same message, same key
     ]
     result = enq.enqueue("s", msgs, engine=engine, settings=settings)
     assert (result.inserted, result.already_queued) == (2, 2)
