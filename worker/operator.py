@@ -12,7 +12,8 @@ import datetime as dt
 import json
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -38,6 +39,7 @@ from worker.schema import (
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 c = cola_envios.c
 s_ = sesiones_envio.c
 
@@ -190,52 +192,42 @@ def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
         print(text)
 
 
-def command_requeue(args: argparse.Namespace, settings: Settings) -> int:
+def _with_engine(settings: Settings, action: Callable[[Engine], T]) -> T:
     engine = _engine(settings)
     try:
-        out = requeue(engine, args)
+        return action(engine)
     finally:
         engine.dispose()
+
+
+def command_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    out = _with_engine(settings, lambda engine: requeue(engine, args))
     _print(args, out, f"requeued {out['requeued']} row(s) ({out['of_which_incierto']} incierto)")
     return 0
 
 
 def command_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    engine = _engine(settings)
-    try:
-        out = cancel(engine, args)
-    finally:
-        engine.dispose()
+    out = _with_engine(settings, lambda engine: cancel(engine, args))
     _print(args, out, f"cancelled {out['cancelled']} row(s)")
     return 0
 
 
-def command_pause(args: argparse.Namespace, settings: Settings) -> int:
-    engine = _engine(settings)
-    try:
-        before = set_session_state(engine, args.session, PAUSADA)
-    finally:
-        engine.dispose()
-    print(f"session {args.session!r}: {before} -> {PAUSADA}")
+def _command_session_state(args: argparse.Namespace, settings: Settings, state: str) -> int:
+    before = _with_engine(settings, lambda engine: set_session_state(engine, args.session, state))
+    print(f"session {args.session!r}: {before} -> {state}")
     return 0
+
+
+def command_pause(args: argparse.Namespace, settings: Settings) -> int:
+    return _command_session_state(args, settings, PAUSADA)
 
 
 def command_resume(args: argparse.Namespace, settings: Settings) -> int:
-    engine = _engine(settings)
-    try:
-        before = set_session_state(engine, args.session, ACTIVA)
-    finally:
-        engine.dispose()
-    print(f"session {args.session!r}: {before} -> {ACTIVA}")
-    return 0
+    return _command_session_state(args, settings, ACTIVA)
 
 
 def command_recover(args: argparse.Namespace, settings: Settings) -> int:
-    engine = _engine(settings)
-    try:
-        rec = QueueRepository(engine).recover(settings.lease_seconds)
-    finally:
-        engine.dispose()
+    rec = _with_engine(settings, lambda engine: QueueRepository(engine).recover(settings.lease_seconds))
     out = {"dead_runs": rec.runs, "requeued": rec.requeued, "incierto": rec.uncertain}
     _print(
         args,
@@ -246,10 +238,6 @@ def command_recover(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def command_prune(args: argparse.Namespace, settings: Settings) -> int:
-    engine = _engine(settings)
-    try:
-        n = prune(engine, args.older_than_days, args.batch)
-    finally:
-        engine.dispose()
+    n = _with_engine(settings, lambda engine: prune(engine, args.older_than_days, args.batch))
     print(f"pruned {n} finished row(s) older than {args.older_than_days:g} day(s)")
     return 0
