@@ -46,15 +46,22 @@ def test_loop_recovers_a_run_that_dies_while_it_is_up(sqlite_db_url: str, tmp_pa
         loop = start_worker(env, "run", "--loop", "--metrics-port", "0", log=tmp_path / "loop.log")
         try:
             assert wait_until(lambda: scalar(sqlite_db_url, "SELECT COUNT(*) FROM ejecuciones") == 1)
-            # Another run claims two rows and dies (its heartbeat stops) after the loop started.
-            ids = seed(sqlite_db_url, 2, session="orphans")
+            # Another run holds two rows and dies (its heartbeat stops) after the loop
+            # started. The rows are written as that run's claim while their session is
+            # paused, so the polling loop cannot take them first.
+            ids = seed(sqlite_db_url, 2, session="orphans", session_state="pausada")
             engine = db.create_engine(sqlite_db_url)
             try:
-                repo = QueueRepository(engine)
-                dead = repo.register_run("other", 1, "run")
-                assert len(repo.claim(dead, "tok", 2)) == 2
+                dead = QueueRepository(engine).register_run("other", 1, "run")
             finally:
                 engine.dispose()
+            execute(
+                sqlite_db_url,
+                "UPDATE cola_envios SET estado = 'procesando', claim_token = 'tok', ejecucion_id = :r",
+                r=dead,
+            )
+            execute(sqlite_db_url, "UPDATE sesiones_envio SET estado = 'activa'")
+            assert states(sqlite_db_url) == {"procesando": 2}
             assert wait_until(lambda: states(sqlite_db_url)["enviado"] == 2, timeout=20), states(
                 sqlite_db_url
             )
