@@ -25,14 +25,18 @@ import platform
 import resource
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
-import uuid
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support import ScratchDatabase
 
 from worker import db
 from worker.importer import import_rows, read_csv, validate_rows
@@ -51,30 +55,6 @@ def make_csv(n: int) -> str:
         else:
             lines.append(f'c{i},Cliente {i},{phone},"Hola Cliente {i}, su cita es el lunes a las 10:00.",,,')
     return "\n".join(lines) + "\n"
-
-
-class Fresh:
-    def __init__(self, backend: str, server: str | None, tmp: Path) -> None:
-        self.backend = backend
-        self.name = "cola_bench_" + uuid.uuid4().hex[:8]
-        self._admin: sa.Engine | None = None
-        if backend == "sqlite":
-            self.url = f"sqlite:///{tmp / (self.name + '.db')}"
-            return
-        assert server
-        base = db.parse_url(server)
-        self._admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-        with self._admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
-        self.url = base.set(database=self.name).render_as_string(hide_password=False)
-
-    def drop(self) -> None:
-        if self._admin is None:
-            return
-        with self._admin.connect() as conn:
-            force = " WITH (FORCE)" if self.backend == "postgresql" else ""
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name}{force}"))
-        self._admin.dispose()
 
 
 def one_import(url: str, csv_text: str, n: int, *, trace_memory: bool) -> dict[str, Any]:
@@ -138,7 +118,7 @@ def main() -> int:
             runs = []
             version = None
             for i in range(args.repeat + 1):  # the last pass only measures memory
-                fresh = Fresh(backend, None if backend == "sqlite" else server, Path(tmp))
+                fresh = ScratchDatabase(backend, server, Path(tmp), prefix="cola_bench_")
                 try:
                     if version is None and backend != "sqlite":
                         eng = db.create_engine(fresh.url)

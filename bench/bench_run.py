@@ -25,12 +25,10 @@ import time
 import uuid
 from pathlib import Path
 
-import sqlalchemy as sa
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support import seed, states  # noqa: E402
+from support import ScratchDatabase, free_port, seed, states  # noqa: E402
 
 from worker import db  # noqa: E402
 
@@ -40,41 +38,18 @@ SERVER_URLS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Database:
-    def __init__(self, backend: str, tmp: Path) -> None:
-        self.backend = backend
-        self.name = "cola_bench_" + uuid.uuid4().hex[:8]
-        if backend == "sqlite":
-            self.url = f"sqlite:///{tmp / (self.name + '.db')}"
-            self.admin = None
-        else:
-            base = db.parse_url(SERVER_URLS[backend])
-            self.admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-            with self.admin.connect() as conn:
-                conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
-            self.url = base.set(database=self.name).render_as_string(hide_password=False)
-        engine = db.create_engine(self.url)
-        db.upgrade(engine)
-        engine.dispose()
-
-    def drop(self) -> None:
-        if self.admin is not None:
-            with self.admin.connect() as conn:
-                extra = " WITH (FORCE)" if self.backend == "postgresql" else ""
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name}{extra}"))
-            self.admin.dispose()
+def fresh_database(backend: str, tmp: Path) -> ScratchDatabase:
+    database = ScratchDatabase(backend, SERVER_URLS.get(backend), tmp, prefix="cola_bench_")
+    engine = db.create_engine(database.url)
+    db.upgrade(engine)
+    engine.dispose()
+    return database
 
 
 def run_case(
     backend: str, sandbox_url: str, n: int, concurrency: int, runs: int, tmp: Path
 ) -> dict[str, object]:
-    database = Database(backend, tmp)
+    database = fresh_database(backend, tmp)
     try:
         seed(database.url, n)
         env = {k: v for k, v in os.environ.items() if not k.startswith("COLA_")}

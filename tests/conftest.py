@@ -10,13 +10,13 @@ failure. Each test gets a fresh database of its own on the server.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from support import ScratchDatabase
 
 from worker import db
 
@@ -79,34 +79,15 @@ def server_url(backend: str) -> str:
     raise ValueError(backend)
 
 
-class FreshDatabase:
-    """A database of its own for one test, dropped afterwards."""
-
-    def __init__(self, backend: str, tmp_path: Path) -> None:
-        self.backend = backend
-        self.name = "cola_t_" + uuid.uuid4().hex[:12]
-        if backend == "sqlite":
-            self.url = f"sqlite:///{tmp_path / (self.name + '.db')}"
-            self._admin: sa.Engine | None = None
-            return
-        base = db.parse_url(server_url(backend))
-        self._admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-        try:
-            with self._admin.connect() as conn:
-                conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
-        except sa.exc.OperationalError as exc:
-            _skip_or_fail(f"{backend} server at the configured URL is not reachable: {exc.orig}")
-        self.url = base.set(database=self.name).render_as_string(hide_password=False)
-
-    def drop(self) -> None:
-        if self._admin is None:
-            return
-        with self._admin.connect() as conn:
-            if self.backend == "postgresql":
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"))
-            else:
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name}"))
-        self._admin.dispose()
+def fresh_database(backend: str, tmp_path: Path) -> ScratchDatabase:
+    """A database of its own for one test (skips, or fails under
+    COLA_TEST_REQUIRE_DB=1, when the server is not reachable)."""
+    server = None if backend == "sqlite" else server_url(backend)
+    try:
+        return ScratchDatabase(backend, server, tmp_path)
+    except sa.exc.OperationalError as exc:
+        _skip_or_fail(f"{backend} server at the configured URL is not reachable: {exc.orig}")
+        raise
 
 
 @pytest.fixture(params=BACKENDS)
@@ -117,7 +98,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def empty_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database of the parametrised backend."""
-    fresh = FreshDatabase(backend, tmp_path)
+    fresh = fresh_database(backend, tmp_path)
     try:
         yield fresh.url
     finally:
@@ -138,7 +119,7 @@ def db_url(empty_db_url: str) -> str:
 @pytest.fixture
 def sqlite_db_url(tmp_path: Path) -> str:
     """A migrated SQLite database, for behaviour that does not depend on the backend."""
-    fresh = FreshDatabase("sqlite", tmp_path)
+    fresh = fresh_database("sqlite", tmp_path)
     engine = db.create_engine(fresh.url)
     try:
         db.upgrade(engine)

@@ -7,9 +7,11 @@ import datetime as dt
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -21,6 +23,47 @@ from worker import db
 from worker.schema import cola_envios, sesiones_envio
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+class ScratchDatabase:
+    """A database of its own, dropped by :meth:`drop`: a new database on the
+    server at ``server_url``, or an SQLite file in ``directory``. Used by the
+    test fixtures and the benchmarks."""
+
+    def __init__(
+        self, backend: str, server_url: str | None, directory: Path, prefix: str = "cola_t_"
+    ) -> None:
+        self.backend = backend
+        self.name = prefix + uuid.uuid4().hex[:12]
+        self._admin: sa.Engine | None = None
+        if backend == "sqlite":
+            self.url = f"sqlite:///{directory / (self.name + '.db')}"
+            return
+        assert server_url, backend
+        base = db.parse_url(server_url)
+        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        try:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
+        except BaseException:
+            admin.dispose()
+            raise
+        self._admin = admin
+        self.url = base.set(database=self.name).render_as_string(hide_password=False)
+
+    def drop(self) -> None:
+        if self._admin is None:
+            return
+        force = " WITH (FORCE)" if self.backend == "postgresql" else ""
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name}{force}"))
+        self._admin.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def phone(i: int) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,18 +16,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import _skip_or_fail
-from support import run_worker, seed, start_worker, states, wait_until, worker_env
+from support import free_port, run_worker, seed, start_worker, states, wait_until, worker_env
 
 from worker import db
 from worker.sandbox import SandboxOptions, SandboxServer
 
 MARIADBD = "/usr/sbin/mariadbd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivateMariaDB:
@@ -56,7 +49,7 @@ class PrivateMariaDB:
             check=True,
             capture_output=True,
         )
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"mysql+pymysql://root@127.0.0.1:{self.port}/cola"
 

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import signal
-import socket
 from pathlib import Path
 
 import httpx
-from support import kill_group, seed, start_worker, states, wait_until, worker_env
+from support import free_port, kill_group, seed, start_worker, states, wait_until, worker_env
 
 from worker.sandbox import SandboxOptions, SandboxServer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_loop_polls_serves_metrics_and_drains_on_sigterm(sqlite_db_url: str, tmp_path: Path) -> None:
     server = SandboxServer(SandboxOptions(port=0))
     server.start()
-    port = _free_port()
+    port = free_port()
     try:
         seed(sqlite_db_url, 3)
         env = worker_env(
