@@ -255,8 +255,11 @@ class QueueRepository:
             sel = sel.where(c.sesion_id.not_in(inactive))
         return sel.order_by(c.proximo_intento_at, c.id).limit(limit)
 
-    def claim_statement(self, now: dt.datetime, limit: int, session_id: int | None = None) -> Any:
-        return self._due_select(now, limit, session_id, []).with_for_update(skip_locked=True)
+    def claim_statement(
+        self, now: dt.datetime, limit: int, session_id: int | None = None, inactive: Sequence[int] = ()
+    ) -> Any:
+        """The claim's locking SELECT (the EXPLAIN test checks this very statement)."""
+        return self._due_select(now, limit, session_id, list(inactive)).with_for_update(skip_locked=True)
 
     def claim(self, run_id: int, token: str, limit: int, session_id: int | None = None) -> list[ClaimedRow]:
         def tx(conn: Connection) -> list[ClaimedRow]:
@@ -265,8 +268,7 @@ class QueueRepository:
                 raise LeaseLost(f"run {run_id} is {state or 'gone'}: a recovery declared it dead")
             inactive = self.inactive_session_ids(conn)
             now = db.db_now(conn)
-            sel = self._due_select(now, limit, session_id, inactive).with_for_update(skip_locked=True)
-            ids = [int(r[0]) for r in conn.execute(sel)]
+            ids = [int(r[0]) for r in conn.execute(self.claim_statement(now, limit, session_id, inactive))]
             if not ids:
                 return []
             conn.execute(

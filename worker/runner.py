@@ -252,7 +252,6 @@ class Runner:
     session_id: int | None = None
     mode: str = "run"
     stop_event: threading.Event = field(default_factory=threading.Event)
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
     clock: Any = time.monotonic
 
     def __post_init__(self) -> None:
@@ -344,9 +343,9 @@ class Runner:
                 extra={"action": "recover"},
             )
 
-    def request_stop(self, reason: str = "signal") -> None:
-        if reason == "signal":
-            self._signalled = True
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: no new claims; messages in flight finish and are recorded."""
+        self._signalled = True
         self.stop_event.set()
 
     def _heartbeat_loop(self) -> None:
@@ -675,7 +674,7 @@ def _install_signal_handlers(runner: Runner) -> None:
             signal.Signals(signum).name,
             extra={"action": "signal"},
         )
-        runner.request_stop("signal")
+        runner.request_stop()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
