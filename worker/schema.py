@@ -25,6 +25,18 @@ Timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"
 # SQLite only autoincrements INTEGER PRIMARY KEY.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
+
+def ExactString(length: int) -> sa.types.TypeEngine[str]:  # noqa: N802 (a type, named like one)
+    """A string compared byte for byte on every backend.
+
+    MariaDB/MySQL compare with the table's collation, which is case-insensitive
+    by default: dedupe keys and claim tokens must not be. PostgreSQL and SQLite
+    already compare exactly.
+    """
+    return sa.String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+    )
+
 # Row states of cola_envios (DESIGN.md section 3).
 PENDIENTE = "pendiente"
 PROCESANDO = "procesando"
@@ -68,8 +80,8 @@ cola_envios = sa.Table(
     sa.Column("max_intentos", sa.Integer(), nullable=False),
     sa.Column("proximo_intento_at", Timestamp, nullable=False),
     sa.Column("enviar_hasta", Timestamp, nullable=True),
-    sa.Column("clave", sa.String(128), nullable=False),  # dedupe key
-    sa.Column("claim_token", sa.String(32), nullable=True),
+    sa.Column("clave", ExactString(128), nullable=False),  # dedupe key
+    sa.Column("claim_token", ExactString(32), nullable=True),
     # The owning run. No foreign key on purpose: InnoDB would take a shared
     # lock on the ejecuciones row at every claim, against the heartbeat.
     sa.Column("ejecucion_id", sa.BigInteger(), nullable=True),
@@ -119,6 +131,10 @@ intentos_envio = sa.Table(
     sa.Column("codigo", sa.String(32), nullable=True),
     sa.Column("latencia_ms", sa.Integer(), nullable=True),
     sa.Column("proveedor_msg_id", sa.String(128), nullable=True),
+    # Where the outcome came from: NULL = the run's own answer; "spool" = replayed
+    # from the local outcome spool; later "manual" (resolve) and "receipt".
+    sa.Column("origen", sa.String(16), nullable=True),
+    sa.Column("nota", sa.String(255), nullable=True),  # who / why, for non-run outcomes
     sa.Index("ix_intentos_envio_cola", "cola_envio_id"),
 )
 
@@ -133,10 +149,23 @@ ejecuciones = sa.Table(
     sa.Column("latido_at", Timestamp, nullable=False),  # heartbeat
     sa.Column("finalizada_at", Timestamp, nullable=True),
     sa.Column("estado", sa.String(16), nullable=False),  # activa | terminada | fallida | muerta
+    # The run's own lease: recovery judges this run by it, not by the caller's setting.
+    sa.Column("lease_segundos", sa.Float(), nullable=False, server_default="300"),
     sa.Column("reclamados", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("enviados", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("errores", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("inciertos", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("reintentos", sa.Integer(), nullable=False, server_default="0"),
     sa.Index("ix_ejecuciones_vivas", "finalizada_at", "latido_at"),
+)
+
+# Dedupe keys of pruned rows, kept for a horizon longer than the pruning age so
+# that re-importing an old file inserts nothing twice (``prune`` writes them,
+# ``enqueue`` reads them).
+claves_podadas = sa.Table(
+    "claves_podadas",
+    metadata,
+    sa.Column("clave", ExactString(128), primary_key=True),
+    sa.Column("podada_at", Timestamp, nullable=False),
+    sa.Index("ix_claves_podadas_podada_at", "podada_at"),
 )
