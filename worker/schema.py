@@ -26,7 +26,7 @@ Timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def ExactString(length: int) -> sa.types.TypeEngine[str]:  # noqa: N802 (a type, named like one)
+def ExactString(length: int) -> sa.types.TypeEngine[str]:
     """A string compared byte for byte on every backend.
 
     MariaDB/MySQL compare with the table's collation, which is case-insensitive
@@ -36,6 +36,7 @@ def ExactString(length: int) -> sa.types.TypeEngine[str]:  # noqa: N802 (a type,
     return sa.String(length).with_variant(
         mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
     )
+
 
 # Row states of cola_envios (DESIGN.md section 3).
 PENDIENTE = "pendiente"

@@ -40,7 +40,11 @@ def upgrade() -> None:
             "cola_envios", "clave", existing_type=sa.String(128), type_=_exact(128), existing_nullable=False
         )
         op.alter_column(
-            "cola_envios", "claim_token", existing_type=sa.String(32), type_=_exact(32), existing_nullable=True
+            "cola_envios",
+            "claim_token",
+            existing_type=sa.String(32),
+            type_=_exact(32),
+            existing_nullable=True,
         )
     with op.batch_alter_table("ejecuciones") as batch:
         batch.add_column(sa.Column("lease_segundos", sa.Float(), nullable=False, server_default="300"))
@@ -65,7 +69,11 @@ def downgrade() -> None:
         batch.drop_column("lease_segundos")
     if _is_mysql():
         op.alter_column(
-            "cola_envios", "claim_token", existing_type=_exact(32), type_=sa.String(32), existing_nullable=True
+            "cola_envios",
+            "claim_token",
+            existing_type=_exact(32),
+            type_=sa.String(32),
+            existing_nullable=True,
         )
         op.alter_column(
             "cola_envios", "clave", existing_type=_exact(128), type_=sa.String(128), existing_nullable=False

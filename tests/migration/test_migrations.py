@@ -9,7 +9,14 @@ from alembic.runtime.migration import MigrationContext
 from worker import db
 from worker.schema import metadata
 
-TABLES = {"sesiones_envio", "cola_envios", "envios_whatsapp", "intentos_envio", "ejecuciones", "claves_podadas"}
+TABLES = {
+    "sesiones_envio",
+    "cola_envios",
+    "envios_whatsapp",
+    "intentos_envio",
+    "ejecuciones",
+    "claves_podadas",
+}
 
 
 def _diff(engine: sa.Engine) -> list[object]:
