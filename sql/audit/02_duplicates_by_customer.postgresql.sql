@@ -1,0 +1,16 @@
+-- Customers who received the same content more than once in the last 24 hours
+-- (the incident's shape: one reminder queued twice under different keys, both sent).
+-- A returned row is a duplicate: the customer id, how many messages, and the job ids.
+-- PostgreSQL. Change 24 to widen the window.
+WITH params AS (
+  SELECT (now() AT TIME ZONE 'UTC') - INTERVAL '24 hours' AS since
+)
+SELECT w.cliente_id, COUNT(*) AS messages,
+       string_agg(w.cola_envio_id::text, ',' ORDER BY w.cola_envio_id) AS jobs
+FROM envios_whatsapp w
+JOIN cola_envios c ON c.id = w.cola_envio_id
+CROSS JOIN params p
+WHERE w.fecha_envio >= p.since
+GROUP BY w.cliente_id, c.payload
+HAVING COUNT(*) > 1
+ORDER BY w.cliente_id;

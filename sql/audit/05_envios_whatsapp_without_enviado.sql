@@ -1,0 +1,13 @@
+-- Consistency: accepted sends (envios_whatsapp, last 24 hours) whose row is not
+-- 'enviado'. A returned row was accepted by the provider but its row says
+-- otherwise (e.g. requeued by hand after it was sent): check it before it is sent again.
+-- MariaDB / MySQL 8. Change 24 to widen the window.
+WITH params AS (
+  SELECT UTC_TIMESTAMP(6) - INTERVAL 24 HOUR AS since
+)
+SELECT w.cola_envio_id AS job, c.estado
+FROM envios_whatsapp w
+JOIN cola_envios c ON c.id = w.cola_envio_id
+CROSS JOIN params p
+WHERE c.estado <> 'enviado' AND w.fecha_envio >= p.since
+ORDER BY w.cola_envio_id;
