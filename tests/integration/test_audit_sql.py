@@ -84,7 +84,8 @@ def _findings_of_every_kind(url: str, tmp_path: Path) -> dict[str, int]:
     dup_a, dup_b = seed(url, 2, session="dup", recipients=["+51900000001"], text="recordatorio")
     execute(
         url,
-        "UPDATE cola_envios SET cliente_id = 'cliente-7', payload = '{\"text\": \"same\"}' WHERE id IN (:a, :b)",
+        "UPDATE cola_envios SET cliente_id = 'cliente-7', payload = '{\"text\": \"same\"}' "
+        "WHERE id IN (:a, :b)",
         a=dup_a,
         b=dup_b,
     )
@@ -141,16 +142,24 @@ def test_plain_sql_audit_finds_what_the_command_finds(backend: str, tmp_path: Pa
             (CHECKS[2], "duplicates_by_recipient", "telefono", mask_phone),
         ):
             from_sql = [
-                {column: mask(r[column]), "messages": int(r["messages"]), "jobs": sorted(r["jobs"].split(","))}
+                {
+                    column: mask(r[column]),
+                    "messages": int(r["messages"]),
+                    "jobs": sorted(r["jobs"].split(",")),
+                }
                 for r in sql[check]
             ]
             assert len(report[key]) == 1 and from_sql == report[key], check
-        assert [r["job"] for r in sql[CHECKS[3]]] == report["enviado_without_envios_whatsapp"] == [
-            str(ids["no_ledger"])
-        ]
-        assert [r["job"] for r in sql[CHECKS[4]]] == report["envios_whatsapp_without_enviado"] == [
-            str(ids["not_sent"])
-        ]
+        assert (
+            [r["job"] for r in sql[CHECKS[3]]]
+            == report["enviado_without_envios_whatsapp"]
+            == [str(ids["no_ledger"])]
+        )
+        assert (
+            [r["job"] for r in sql[CHECKS[4]]]
+            == report["envios_whatsapp_without_enviado"]
+            == [str(ids["not_sent"])]
+        )
         assert [r["job"] for r in sql[CHECKS[5]]] == report["claimed_by_dead_runs"] == [str(ids["orphan"])]
         assert len(sql[CHECKS[6]]) == report["incierto_waiting_for_operator"] == 2
         assert all(int(r["age_seconds"]) >= 0 for r in sql[CHECKS[6]])
