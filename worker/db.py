@@ -114,6 +114,10 @@ def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
     return engine
 
 
+# Command, table or column denied to this user (the login itself worked).
+_MYSQL_NO_PRIVILEGE = frozenset({1142, 1143, 1227, 1370})
+
+
 def _mysql_errno(exc: BaseException) -> int | None:
     orig = getattr(exc, "orig", exc)
     args = getattr(orig, "args", ())
@@ -160,6 +164,11 @@ def translate_error(exc: BaseException) -> BaseException:
         return exc
     errno = _mysql_errno(exc)
     text = str(getattr(exc, "orig", exc)).lower()
+    if errno in _MYSQL_NO_PRIVILEGE or _pg_sqlstate(exc) == "42501":
+        return AccessDenied(
+            f"the database user lacks a privilege for this command: {_safe(exc)} "
+            "(schema changes need the migration user: see sql/grants/)"
+        )
     if (
         errno in _MYSQL_DENIED
         or "password authentication failed" in text
