@@ -82,7 +82,7 @@ def users(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str,
 def test_migration_user_migrates_runtime_user_runs_everything_else(
     users: tuple[str, str, str], tmp_path: Path
 ) -> None:
-    backend, migrate_url, app_url = users
+    _backend, migrate_url, app_url = users
     # The runtime user cannot migrate: it has no DDL.
     refused = run_worker(worker_env(app_url, tmp_path), "db", "upgrade")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
@@ -93,7 +93,8 @@ def test_migration_user_migrates_runtime_user_runs_everything_else(
 
     env = worker_env(app_url, tmp_path)
     csv = tmp_path / "citas.csv"
-    csv.write_text("cliente_id,telefono,mensaje\n" + "".join(f"c{k},+5199900000{k},hola {k}\n" for k in range(5)))
+    lines = "".join(f"c{k},+5199900000{k},hola {k}\n" for k in range(5))
+    csv.write_text("cliente_id,telefono,mensaje\n" + lines)
     enq = run_worker(env, "enqueue", "--session", "grants", "--csv", str(csv))
     assert enq.returncode == 0, enq.stderr
     server = SandboxServer(SandboxOptions(port=0))
