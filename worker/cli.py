@@ -147,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sandbox_argv", nargs=argparse.REMAINDER)
 
+    # Like fake-provider, these pass the rest of the line to a command of their own.
+    # (worker.scheduler is not imported here: the lock fast path stays light.)
+    for name, text in (
+        ("schedule", "container entrypoint: start `run` every minute, forward SIGTERM so a stop drains"),
+        ("cron", "wrap a command for host cron: output to --log-file, printed only when it fails"),
+    ):
+        p = sub.add_parser(name, help=f"{text} (see {name} --help)", add_help=False)
+        p.add_argument("passed_argv", nargs=argparse.REMAINDER)
+
     p = add("demo", "the whole story on an embedded SQLite database and the local sandbox")
     p.add_argument("--dir", help="working directory (default: a new temporary one)")
     p.add_argument("--messages", type=int, default=120)
@@ -279,6 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Its flags go to the sandbox's own parser (argparse's REMAINDER
             # would not pass options through a subparser).
             return _fake_provider(argv[1:])
+        if argv[:1] in (["schedule"], ["cron"]):
+            from worker import scheduler
+
+            command = scheduler.command_schedule if argv[0] == "schedule" else scheduler.command_cron
+            return command(argv[1:])
         args = build_parser().parse_args(argv)
         settings = load_settings(_flags(args))
         return _COMMANDS[args.command](args, settings)
