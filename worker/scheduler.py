@@ -8,8 +8,9 @@ never overlap on that host), and a minute whose previous run is still going
 is skipped, as the lock would refuse it anyway. SIGTERM and SIGINT are
 forwarded to the running child, which drains (stops claiming, finishes and
 records what is in flight, releases the rest); the scheduler then exits with
-the child's exit code. Its own log lines and the runs' go to stdout. cron daemons made for containers do not forward the
-signal to a running job, so ``docker stop`` could never drain them.
+the child's exit code. Its own log lines and the runs' go to stdout. cron
+daemons made for containers do not forward the signal to a running job, so
+``docker stop`` could never drain them.
 
 ``cron`` wraps one command for a host crontab: the command's output is
 appended to ``--log-file`` and printed (so cron mails it) only when the
