@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, text)
         p.add_argument("--session", required=True)
 
+    p = add("show", "one row's history (--id N), or a session's rows in a state")
+    p.add_argument("--id", type=int, help="the row (job) id")
+    p.add_argument("--session", help="list this session's rows")
+    p.add_argument("--state", help="with --session: only rows in this state (e.g. error)")
+    p.add_argument(
+        "--limit", type=int, default=50, help="with --session: at most this many rows (default 50)"
+    )
+    p.add_argument("--json", action="store_true")
+
     p = add("recover", "recover rows of dead runs now (every run also does it first)")
     p.add_argument("--json", action="store_true")
 
@@ -265,6 +274,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "pause": _lazy("worker.operator", "command_pause"),
     "resume": _lazy("worker.operator", "command_resume"),
     "recover": _lazy("worker.operator", "command_recover"),
+    "show": _lazy("worker.show", "command_show"),
     "prune": _lazy("worker.operator", "command_prune"),
     "demo": _lazy("worker.demo", "command_demo"),
 }
