@@ -6,14 +6,25 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit integration acceptance bench clean
 
+DEMO_STAMP := $(VENV)/.demo-installed
+# make demo DATABASE_URL=mysql+pymysql://root@127.0.0.1/empty_db  tells the story on a server
+DATABASE_URL ?=
+
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
-	$(BIN)/cola-worker demo
+# The demo needs the package (and psycopg for a PostgreSQL URL), not the development tools.
+$(DEMO_STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[postgres]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(BIN)/cola-worker demo $(if $(DATABASE_URL),--database-url '$(DATABASE_URL)')
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests bench migrations

@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "the whole story on an embedded SQLite database and the local sandbox")
     p.add_argument("--dir", help="working directory (default: a new temporary one)")
     p.add_argument("--messages", type=int, default=120)
+    p.add_argument(
+        "--database-url",
+        dest="database_url",
+        help="run the story on this EMPTY MariaDB/MySQL or PostgreSQL database instead of SQLite "
+        "(a scratch database: the URL is visible to ps, so use one without a real password)",
+    )
     return parser
 
 

@@ -1,4 +1,6 @@
-"""`cola-worker demo`: the whole story on an embedded SQLite database and the
+"""`cola-worker demo`: the whole story on an embedded SQLite database (or, with
+``--database-url``, on an empty MariaDB/MySQL or PostgreSQL database, where
+the overlapping runs really claim side by side with ``SKIP LOCKED``) and the
 local sandbox, with the real commands in real processes: migrate, a bad import
 refused whole, an import (and the same import again), the incident's
 overlapping runs, status, audit, and the sandbox's own count of what it got."""
@@ -14,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from worker.errors import UsageError
 from worker.sandbox import SandboxOptions, SandboxServer
 from worker.settings import Settings
 
@@ -50,9 +53,14 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     locks = workdir / "locks"
     locks.mkdir(mode=0o700, exist_ok=True)
     os.chmod(locks, 0o700)
-    db_path = workdir / "cola.db"
-    if db_path.exists():
-        db_path.unlink()
+    if args.database_url:
+        database_url = args.database_url
+        backend = _require_empty(database_url)
+    else:
+        db_path = workdir / "cola.db"
+        if db_path.exists():
+            db_path.unlink()
+        database_url, backend = f"sqlite:///{db_path}", "sqlite"
     n = max(1, args.messages)
     sandbox = SandboxServer(
         SandboxOptions(
@@ -63,7 +71,7 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COLA_")}
     env.update(
         {
-            "COLA_DATABASE_URL": f"sqlite:///{db_path}",
+            "COLA_DATABASE_URL": database_url,
             "COLA_PROVIDER": "fake",
             "COLA_FAKE_BASE_URL": base_url,
             "COLA_DEFAULT_REGION": "PE",
@@ -75,6 +83,9 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     )
     try:
         print(f"demo directory: {workdir}\nsandbox (fake WhatsApp Cloud API): {base_url}")
+        print(
+            f"database: {backend}" + (" (embedded file)" if backend == "sqlite" else " (an empty database)")
+        )
 
         _say("1. Create the schema (Alembic)")
         _cola(env, "db", "upgrade")
@@ -110,6 +121,10 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
 
         _say("4. The incident, replayed: cron on host A twice plus a manual run, and host B, all at once")
         print("   host A's three runs share one lock file; host B has its own (another machine)")
+        if backend == "sqlite":
+            print("   (SQLite serialises writes: the conditional UPDATE proves each claim)")
+        else:
+            print("   (the runs claim side by side: SELECT ... FOR UPDATE SKIP LOCKED gives each other rows)")
         procs = []
         for name, lock in (("A cron", "a"), ("A cron+1", "a"), ("A manual", "a"), ("B cron", "b")):
             run_env = dict(env, COLA_LOCK_FILE=str(locks / f"host-{lock}.lock"))
@@ -161,3 +176,27 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if ok else 1
     finally:
         sandbox.stop()
+
+
+def _require_empty(url: str) -> str:
+    """The backend name, after checking the database holds no table at all:
+    the demo fills it, so it never runs on a database that holds anything."""
+    import sqlalchemy as sa
+
+    from worker import db
+
+    engine = db.create_engine(url)
+    try:
+        try:
+            with engine.connect() as conn:
+                tables = sa.inspect(conn).get_table_names()
+        except Exception as exc:
+            raise db.translate_error(exc) from exc
+        if tables:
+            raise UsageError(
+                f"--database-url: the database is not empty ({len(tables)} table(s), "
+                f"e.g. {sorted(tables)[0]}); give an empty database: the demo fills its own tables"
+            )
+        return "mysql" if engine.dialect.name in ("mysql", "mariadb") else engine.dialect.name
+    finally:
+        engine.dispose()
