@@ -119,5 +119,9 @@ def test_migration_user_migrates_runtime_user_runs_everything_else(
             assert "denied" in message or "must be owner" in message, message
     finally:
         engine.dispose()
-    with db.create_engine(migrate_url).connect() as conn:
-        assert "intentos_envio" in sa.inspect(conn).get_table_names()
+    engine = db.create_engine(migrate_url)
+    try:
+        with engine.connect() as conn:
+            assert "intentos_envio" in sa.inspect(conn).get_table_names()
+    finally:
+        engine.dispose()
