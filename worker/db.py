@@ -116,7 +116,7 @@ def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
     if backend in ("mysql", "mariadb"):
         # READ COMMITTED: under REPEATABLE READ gap locks made producers wait
-        # and claimers deadlock (DESIGN.md section 6).
+        # and claimers deadlock (docs/design.md section 7).
         kwargs["isolation_level"] = "READ COMMITTED"
         kwargs["pool_size"] = pool_size
         kwargs["max_overflow"] = pool_size

@@ -2,7 +2,7 @@
 validate every one of them, then insert them in one transaction.
 
 Nothing is written unless every row is valid (or ``skip_invalid`` is given):
-an import is one transaction (DESIGN.md G6). Re-importing the same input
+an import is one transaction (docs/design.md, G6). Re-importing the same input
 inserts nothing twice: every row has a unique dedupe key (``clave``), given or
 derived from session, customer, phone and content.
 

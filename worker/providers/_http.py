@@ -3,7 +3,7 @@
 parsing, and the rules that keep secrets and phone numbers out of results
 and logs.
 
-Transport errors are classified by *when* they can happen (DESIGN.md section 3):
+Transport errors are classified by *when* they can happen (docs/design.md section 4):
 
 - ``ConnectError``, ``ConnectTimeout``, ``PoolTimeout``, ``UnsupportedProtocol``:
   raised before any byte of the request left, so the message was definitely
@@ -240,7 +240,7 @@ def classify_answer(
     message_id: Callable[[Any], object],
     classify_error: Callable[[httpx.Response], SendResult],
 ) -> SendResult:
-    """The rule every HTTP provider shares (docs/design.md, "Provider answers"):
+    """The rule every HTTP provider shares (docs/design.md section 4):
     a 2xx that carries the provider's message id is accepted, whatever else the
     body says (an ``error`` object next to the id must not make it retryable,
     or it would be sent twice); a 2xx without one is ambiguous, never

@@ -56,7 +56,7 @@ def meta_message_id(body: Any) -> object:
 
 
 def classify_meta(response: httpx.Response, clean: Callable[[object], str] = str) -> SendResult:
-    """Map one Cloud API response to a result (docs/design.md, "Provider answers")."""
+    """Map one Cloud API response to a result (docs/design.md section 4)."""
     return classify_answer(response, meta_message_id, lambda r: classify_meta_error(r, clean))
 
 

@@ -57,7 +57,7 @@ def twilio_message_id(body: Any) -> object:
 
 
 def classify_twilio(response: httpx.Response, clean: Callable[[object], str] = str) -> SendResult:
-    """Map one Messages API response to a result (docs/design.md, "Provider answers")."""
+    """Map one Messages API response to a result (docs/design.md section 4)."""
     return classify_answer(response, twilio_message_id, lambda r: classify_twilio_error(r, clean))
 
 
