@@ -2,7 +2,7 @@
 
 One run, one process, against the sandbox (its own process, 50 ms latency)
 and a fresh database per case. Distinct recipients; rate and pair limits
-lifted (DESIGN.md section 6). The concurrency-1 baseline uses a small N.
+lifted (docs/design.md section 7). The concurrency-1 baseline uses a small N.
 Also: 4 runs at once (separate lock files) to show the claims scale out.
 
     .venv/bin/python bench/bench_run.py [--backend mysql|postgresql|sqlite] [--n 2000]

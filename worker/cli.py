@@ -59,11 +59,34 @@ def _secrets_epilog() -> str:
     return "secrets and the database URL are read only from the environment (or X_FILE): " + ", ".join(names)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the version is read from the package metadata only when
+    asked for, not each time the parser is built (the lock fast path)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        from worker import version
+
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cola-worker",
         description="Send WhatsApp messages queued in the cola_envios table, each exactly once.",
         epilog=_secrets_epilog(),
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the installed version (package metadata) and exit"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

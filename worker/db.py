@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, TypeVar
@@ -36,7 +37,12 @@ _DRIVERS = {
 # MySQL/MariaDB: deadlock, lock wait timeout, MariaDB's "record has changed".
 _MYSQL_TRANSIENT = {1213, 1205, 1020}
 _MYSQL_UNREACHABLE = {2002, 2003, 2005, 2006, 2013, 2055}
-_MYSQL_DENIED = {1044, 1045, 1049, 1698}
+_MYSQL_DENIED = {1045, 1698}
+_MYSQL_DB_ACCESS_DENIED = 1044
+_MYSQL_UNKNOWN_DATABASE = 1049
+# PostgreSQL's connection errors carry no SQLSTATE in psycopg: read the text.
+_PG_NO_DATABASE = re.compile(r'database "[^"]*" does not exist')
+_PG_NO_ROLE = re.compile(r'role "[^"]*" does not exist')
 # PostgreSQL: deadlock_detected, serialization_failure, lock_not_available.
 _PG_TRANSIENT = {"40P01", "40001", "55P03"}
 
@@ -56,7 +62,47 @@ def parse_url(raw: str) -> URL:
         raise ConfigError(
             f"COLA_DATABASE_URL: unsupported database {backend!r} (use mysql, mariadb, postgresql or sqlite)"
         )
+    if not (url.database or "").strip("/"):
+        # PostgreSQL would quietly use the database named after the user, and
+        # MySQL would connect to no database at all: both are mistakes here.
+        if backend == "sqlite":
+            raise ConfigError(
+                "COLA_DATABASE_URL: no database file: SQLite needs a path (sqlite:///path/to/cola.db)"
+            )
+        raise ConfigError(
+            f"COLA_DATABASE_URL: no database name after the host "
+            f"(expected e.g. {url.drivername}://user:pass@host/cola)"
+        )
     return url
+
+
+# Where the Python module of each driver comes from (error messages only).
+_DRIVER_PACKAGES = {
+    "psycopg": "pip install 'cola-worker[postgres]'",
+    "pymysql": "pip install 'cola-worker' (PyMySQL is one of its dependencies)",
+}
+
+
+def _missing_driver(url: URL, exc: ImportError) -> str:
+    """The message for a URL whose driver cannot be imported."""
+    driver = url.get_driver_name()
+    module = exc.name or driver
+    install = _DRIVER_PACKAGES.get(driver)
+    if install is not None:
+        return (
+            f"COLA_DATABASE_URL: {url.get_backend_name()} needs the {driver} driver, "
+            f"which is not installed ({module!r} cannot be imported): {install}"
+        )
+    backend = url.get_backend_name()
+    supported = (
+        f"postgresql:// (psycopg 3: {_DRIVER_PACKAGES['psycopg']})"
+        if backend == "postgresql"
+        else f"{backend}:// (PyMySQL, installed with cola-worker)"
+    )
+    return (
+        f"COLA_DATABASE_URL: the driver {driver!r} is not installed ({module!r} cannot be imported); "
+        f"use {supported}"
+    )
 
 
 def create_engine_from_settings(settings: Settings, *, pool_size: int = 5) -> Engine:
@@ -70,7 +116,7 @@ def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
     if backend in ("mysql", "mariadb"):
         # READ COMMITTED: under REPEATABLE READ gap locks made producers wait
-        # and claimers deadlock (DESIGN.md section 6).
+        # and claimers deadlock (docs/design.md section 7).
         kwargs["isolation_level"] = "READ COMMITTED"
         kwargs["pool_size"] = pool_size
         kwargs["max_overflow"] = pool_size
@@ -100,6 +146,8 @@ def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
         engine = sa.create_engine(url, **kwargs)
     except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, TypeError) as exc:
         raise ConfigError(f"COLA_DATABASE_URL: {type(exc).__name__}: cannot create an engine") from None
+    except ImportError as exc:  # the dialect imports its driver here
+        raise ConfigError(_missing_driver(url, exc)) from None
 
     if backend == "sqlite":
 
@@ -169,13 +217,15 @@ def translate_error(exc: BaseException) -> BaseException:
             f"the database user lacks a privilege for this command: {_safe(exc)} "
             "(schema changes need the migration user: see sql/grants/)"
         )
-    if (
-        errno in _MYSQL_DENIED
-        or "password authentication failed" in text
-        or ("role " in text and ("does not exist" in text))
-    ):
-        return AccessDenied(f"database access denied: {_safe(exc)}")
-    if "database" in text and "does not exist" in text:
+    if errno == _MYSQL_UNKNOWN_DATABASE or _pg_sqlstate(exc) == "3D000" or _PG_NO_DATABASE.search(text):
+        return ConfigError(
+            f"COLA_DATABASE_URL: the database does not exist: {_safe(exc)}. "
+            "Create it, or correct its name in the URL, then run `cola-worker db upgrade`"
+        )
+    if errno == _MYSQL_DB_ACCESS_DENIED:
+        # MySQL also answers this, rather than 1049, to a user who may not see the database.
+        return AccessDenied(f"database access denied (or the database does not exist): {_safe(exc)}")
+    if errno in _MYSQL_DENIED or "password authentication failed" in text or _PG_NO_ROLE.search(text):
         return AccessDenied(f"database access denied: {_safe(exc)}")
     if (
         errno in _MYSQL_UNREACHABLE

@@ -2,7 +2,7 @@
 validate every one of them, then insert them in one transaction.
 
 Nothing is written unless every row is valid (or ``skip_invalid`` is given):
-an import is one transaction (DESIGN.md G6). Re-importing the same input
+an import is one transaction (docs/design.md, G6). Re-importing the same input
 inserts nothing twice: every row has a unique dedupe key (``clave``), given or
 derived from session, customer, phone and content.
 
@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple
 
@@ -157,18 +157,48 @@ def _choose_delimiter(header_line: str) -> str:
     return ","
 
 
+# Input is decoded with errors="surrogateescape" (see open_input): a byte that
+# is not UTF-8 becomes one of these code points, so the reader can name the
+# physical line that holds it instead of failing on a whole read-ahead buffer.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+RESAVE_HINT = "re-save the file as UTF-8 (e.g. Excel: Save As > CSV UTF-8)"
+NOT_UTF8 = f"not valid UTF-8 text; {RESAVE_HINT}"
+
+
+def _not_utf8(text: str) -> str | None:
+    """What in ``text`` (decoded with surrogateescape) is not UTF-8, or None."""
+    found = _UNDECODABLE.search(text)
+    if found is None:
+        return None
+    byte = ord(found.group()) - 0xDC00
+    return f"not valid UTF-8 text (byte 0x{byte:02x} at column {found.start() + 1})"
+
+
 def read_csv(stream: IO[str]) -> tuple[list[RawRow], list[InvalidRow]]:
     """Rows of a CSV file with a header row. ``stream`` should be opened with
-    ``newline=""`` so quoted fields may span lines. A bad header raises
-    :class:`InputError` (no row can be read without it); a bad record is
-    returned as an :class:`InvalidRow`."""
+    ``newline=""`` so quoted fields may span lines (and, to name the line of a
+    byte that is not UTF-8, with ``errors="surrogateescape"``). A bad header
+    raises :class:`InputError` (no row can be read without it); a bad record
+    is returned as an :class:`InvalidRow`."""
     try:
         first = stream.readline()
     except UnicodeDecodeError:
-        raise InputError("line 1: not valid UTF-8 text") from None
+        raise InputError(f"line 1: {NOT_UTF8}") from None
     if first.strip() == "":
         raise InputError("line 1: header: the file is empty; expected a header row (telefono,mensaje,...)")
-    lines = itertools.chain([first], stream)
+    reason = _not_utf8(first)
+    if reason is not None:
+        raise InputError(f"line 1: header: {reason}; {RESAVE_HINT}")
+    not_utf8: dict[int, str] = {}  # physical line -> reason
+
+    def numbered() -> Iterator[str]:
+        for number, line in enumerate(itertools.chain([first], stream), start=1):
+            why = _not_utf8(line)
+            if why is not None:
+                not_utf8[number] = why
+            yield line
+
+    lines = numbered()
     reader = csv.reader(lines, delimiter=_choose_delimiter(first), strict=True)
     try:
         header = next(reader)
@@ -208,10 +238,15 @@ def read_csv(stream: IO[str]) -> tuple[list[RawRow], list[InvalidRow]]:
                     )
                 )
             break
-        except UnicodeDecodeError:
-            errors.append(InvalidRow(start, "(row)", "not valid UTF-8 text"))
+        except UnicodeDecodeError:  # a strict stream: the decoder's buffer, not the line, failed
+            errors.append(InvalidRow(start, "(row)", f"{NOT_UTF8} (at or after this line)"))
             break
         end_of_previous = reader.line_num
+        bad = [n for n in range(start, end_of_previous + 1) if n in not_utf8]
+        if bad:
+            where = "" if bad[0] == start else f" (in the record that starts on line {start})"
+            errors.append(InvalidRow(bad[0], "(row)", f"{not_utf8[bad[0]]}{where}; {RESAVE_HINT}"))
+            continue
         if not record or all(not cell.strip() for cell in record):
             continue  # blank line
         if len(record) != len(names):
@@ -241,12 +276,16 @@ def read_jsonl(stream: IO[str]) -> tuple[list[RawRow], list[InvalidRow]]:
     while True:
         try:
             text = stream.readline()
-        except UnicodeDecodeError:
-            errors.append(InvalidRow(number + 1, "(row)", "not valid UTF-8 text"))
+        except UnicodeDecodeError:  # a strict stream: the decoder's buffer, not the line, failed
+            errors.append(InvalidRow(number + 1, "(row)", f"{NOT_UTF8} (at or after this line)"))
             break
         if text == "":
             break
         number += 1
+        reason = _not_utf8(text)
+        if reason is not None:
+            errors.append(InvalidRow(number, "(row)", f"{reason}; {RESAVE_HINT}"))
+            continue
         text = text.lstrip("\ufeff") if number == 1 else text
         if text.strip() == "":
             continue
@@ -741,10 +780,13 @@ def enqueue(
 
 
 def _open_input(path: str, option: str) -> io.TextIOWrapper:
+    # surrogateescape: a byte that is not UTF-8 is kept (as a lone surrogate)
+    # and reported with its own line by the reader; strict decoding would fail
+    # on the read-ahead buffer and could only blame the line being read.
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape", newline="")
     try:
-        return open(path, encoding="utf-8-sig", newline="")  # closed by the caller
+        return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")  # closed by the caller
     except OSError as exc:
         raise InputError(f"{option}: cannot open {path!r}: {exc.strerror}") from None
 

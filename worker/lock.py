@@ -1,9 +1,20 @@
 """The per-host file lock: one `run` per lock file at a time.
 
 ``fcntl.flock(LOCK_EX | LOCK_NB)`` on a file opened with ``O_NOFOLLOW`` in a
-directory that is not world-writable. The kernel releases the lock when the
-holder dies (even by SIGKILL), so a stale lock never blocks the next run. The
-file holds the holder's pid, host and start time for the one that is refused.
+private directory. The kernel releases the lock when the holder dies (even by
+SIGKILL), so a stale lock never blocks the next run. The file holds the
+holder's pid, host and start time for the one that is refused.
+
+What is refused (``ConfigError``, exit 2, naming ``COLA_LOCK_FILE``), because
+someone else could otherwise replace, hold or redirect the lock, or the lock
+could destroy another file:
+
+- a directory that is group- or world-writable, or owned by another user
+  (root excepted);
+- a symbolic link (``O_NOFOLLOW``), a hard link (more than one name: writing
+  the holder would truncate the other name's file), anything that is not a
+  regular file (a FIFO is opened with ``O_NONBLOCK`` and refused, so neither
+  ``run`` nor ``lock status`` ever hangs on it).
 
 Imported on the fast path, before any heavy import: standard library only.
 """
@@ -75,20 +86,39 @@ def _check_directory(path: str, *, create: bool) -> None:
         st = os.stat(directory)
     except OSError as exc:
         raise ConfigError(f"COLA_LOCK_FILE: directory {directory!r}: {exc.strerror}") from None
-    if st.st_mode & stat.S_IWOTH:
+    writable = [who for bit, who in ((stat.S_IWOTH, "world"), (stat.S_IWGRP, "group")) if st.st_mode & bit]
+    if writable:
         raise ConfigError(
-            f"COLA_LOCK_FILE: directory {directory!r} is world-writable; "
-            "put the lock file in a private directory (anyone could replace it there)"
+            f"COLA_LOCK_FILE: directory {directory!r} is {writable[0]}-writable; "
+            "put the lock file in a private directory (others could replace it there)"
+        )
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(
+            f"COLA_LOCK_FILE: directory {directory!r} is owned by uid {st.st_uid}, not by this user; "
+            "put the lock file in a private directory of your own (its owner could hold or replace it)"
         )
 
 
 def _open(path: str, flags: int) -> int:
+    """Open the lock file; refuse anything but a regular file with one name.
+    ``O_NONBLOCK``: opening a FIFO must not wait for a writer."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ConfigError(f"COLA_LOCK_FILE: {path!r} is a symbolic link; refused") from None
         raise ConfigError(f"COLA_LOCK_FILE: cannot open {path!r}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"COLA_LOCK_FILE: {path!r} is not a regular file; refused")
+    if st.st_nlink > 1:
+        os.close(fd)
+        raise ConfigError(
+            f"COLA_LOCK_FILE: {path!r} has {st.st_nlink} hard links (it is also another file's name); "
+            "refused, the lock would overwrite that file"
+        )
+    return fd
 
 
 def _read_holder(fd: int) -> Holder:
@@ -113,9 +143,6 @@ def acquire(path: str, timeout: float = 0.0, *, mode: str = "run") -> FileLock |
     deadline = time.monotonic() + timeout
     while True:
         fd = _open(path, os.O_RDWR | os.O_CREAT)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise ConfigError(f"COLA_LOCK_FILE: {path!r} is not a regular file")
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -179,6 +206,8 @@ def status(path: str) -> tuple[bool, Holder | None]:
     """(held, holder). A missing file is not held. Looking never takes the
     lock where /proc/locks can answer, so a run starting at that instant is
     not turned away."""
+    if os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        _check_directory(path, create=False)  # say what a run would refuse
     if not os.path.lexists(path):
         return False, None
     fd = _open(path, os.O_RDONLY)
@@ -200,6 +229,8 @@ def release_stale(path: str) -> bool:
     """Remove a lock file that no process holds. Refuses (UsageError, exit 2)
     while a live process holds it: deleting it would let a second run start.
     Returns False when there was no file."""
+    if os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        _check_directory(path, create=False)  # say what a run would refuse
     if not os.path.lexists(path):
         return False
     fd = _open(path, os.O_RDWR)

@@ -1,4 +1,4 @@
-"""Personal data in logs (DESIGN.md G7): phone numbers are masked, bodies never logged.
+"""Personal data in logs (docs/design.md, G7): phone numbers are masked, bodies never logged.
 
 Standard library only, so any module (the run, enqueue, the lock fast path) may use it.
 """

@@ -1,7 +1,7 @@
 """The queue repository: every SQL statement the run executes, in one place.
 
 Each public method is one short transaction (re-run whole on deadlock or lock
-wait timeout). The claim follows DESIGN.md sections 1 and 6:
+wait timeout). The claim follows docs/design.md sections 1 and 7:
 
 1. ``SELECT id ... WHERE estado='pendiente' AND proximo_intento_at <= now
    ORDER BY proximo_intento_at, id LIMIT n FOR UPDATE SKIP LOCKED`` walks the

@@ -90,7 +90,7 @@ class RunResult:
 
 
 def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_interval: float) -> Outcome:
-    """DESIGN.md section 3: the provider's result decides the row."""
+    """docs/design.md section 4: the provider's result decides the row."""
     if isinstance(result, Accepted):
         return Outcome(
             ENVIADO, "accepted", True, message_id=result.message_id, http_status=result.http_status

@@ -2,7 +2,7 @@
 API request/response shape, with latency, fault injection, its own rate and
 pair limits, and a ledger of every message it accepted.
 
-The faults reproduce what a real client must tell apart (DESIGN.md section 3):
+The faults reproduce what a real client must tell apart (docs/design.md section 4):
 
 =============  ================================================  =========  ========
 kind           answer                                            accepted   ledger

@@ -1,4 +1,4 @@
-"""The tables (DESIGN.md section 4). Alembic owns the schema; these models are
+"""The tables (docs/design.md section 5). Alembic owns the schema; these models are
 what the migrations must produce (``tests/migration`` checks it).
 
 Names stay in Spanish, as in the existing database. Timestamps are naive UTC
@@ -38,7 +38,7 @@ def ExactString(length: int) -> sa.types.TypeEngine[str]:
     )
 
 
-# Row states of cola_envios (DESIGN.md section 3).
+# Row states of cola_envios (docs/design.md section 3).
 PENDIENTE = "pendiente"
 PROCESANDO = "procesando"
 ENVIANDO = "enviando"

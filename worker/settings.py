@@ -12,6 +12,7 @@ This module is imported on the lock fast path: standard library only.
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -21,14 +22,26 @@ from worker.errors import ConfigError
 PROVIDERS_BUILTIN = ("meta", "twilio", "webhook", "fake")
 
 
-def _default_lock_file(environ: Mapping[str, str]) -> str:
-    """A private (not world-writable) directory: XDG_RUNTIME_DIR when set,
-    else ``~/.local/state/cola-worker``."""
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "cola-worker", "cola-worker.lock")
-    home = environ.get("HOME") or os.path.expanduser("~")
-    return os.path.join(home, ".local", "state", "cola-worker", "cola-worker.lock")
+def default_lock_file(uid: int | None = None) -> str:
+    """The lock path when ``COLA_LOCK_FILE`` is not set, for the user ``uid``
+    (default: this process's real uid).
+
+    It depends on the uid only, never on the environment: a cron job (no
+    ``XDG_RUNTIME_DIR``, maybe no ``HOME``) and an interactive shell of the
+    same user must meet on the same file, or their runs would overlap. The
+    home directory comes from the password database:
+    ``<home>/.local/state/cola-worker/cola-worker.lock``; a uid without an
+    entry or whose home does not exist (containers run with an arbitrary uid)
+    gets ``/tmp/cola-worker-<uid>/cola-worker.lock`` (the lock refuses that
+    directory unless this user owns it, see :mod:`worker.lock`)."""
+    uid = os.getuid() if uid is None else uid
+    try:
+        home = pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        home = ""
+    if home and home != "/" and os.path.isdir(home):
+        return os.path.join(home, ".local", "state", "cola-worker", "cola-worker.lock")
+    return f"/tmp/cola-worker-{uid}/cola-worker.lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +79,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("webhook_url", "str", None, "URL of the generic JSON webhook provider"),
     Option("webhook_token", "str", None, "bearer token for the webhook provider", secret=True, flag=False),
     Option("fake_base_url", "str", "http://127.0.0.1:8765", "base URL of the local sandbox (fake-provider)"),
-    Option("lock_file", "str", None, "file lock path (default: a private per-user directory)"),
+    Option("lock_file", "str", None, "file lock path (default: per uid, under ~/.local/state/cola-worker)"),
     Option("lock_timeout", "float", 0.0, "seconds to wait for the file lock (0: exit at once)", minimum=0),
     Option("max_jobs", "int", 50, "rows claimed per run (0: no limit)", minimum=0),
     Option("max_seconds", "float", 7200.0, "time limit of one run, seconds", minimum=0.001),
@@ -222,7 +235,7 @@ def load_settings(
         else:
             values[opt.name] = opt.default
     if values["lock_file"] is None:
-        values["lock_file"] = _default_lock_file(env)
+        values["lock_file"] = default_lock_file()
     provider = values["provider"]
     if provider is not None:
         values["provider"] = provider.lower()

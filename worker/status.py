@@ -2,7 +2,7 @@
 live and dead runs, and the lock holder.
 
 Every age is measured by the database's clock (read in the same transaction as
-the counts), never by this host's, like the lease itself (DESIGN.md section 4).
+the counts), never by this host's, like the lease itself (docs/design.md section 5).
 ``collect_status`` is pure data (stable keys, ISO 8601 timestamps in UTC);
 ``command_status`` renders it as a rich table or as JSON.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import stat
 import subprocess
@@ -25,7 +26,8 @@ import pytest
 from support import PROJECT, wait_until
 
 from worker import lock as file_lock
-from worker.settings import load_settings
+from worker.errors import ConfigError
+from worker.settings import default_lock_file, load_settings
 
 _EXE = Path(sys.executable).parent / "cola-worker"
 CLI = [str(_EXE)] if _EXE.exists() else [sys.executable, "-m", "worker"]
@@ -310,38 +312,130 @@ def test_lock_file_in_a_sticky_world_writable_directory_is_refused(tmp_path: Pat
     assert "COLA_LOCK_FILE" in proc.stderr
 
 
-def test_default_lock_file_is_in_a_private_directory_under_home(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    settings = load_settings(environ={"HOME": str(home)})
-    expected_dir = home / ".local" / "state" / "cola-worker"
-    assert Path(settings.lock_file).parent == expected_dir
-    assert not expected_dir.exists()
-    got = file_lock.acquire(settings.lock_file)
+def test_lock_file_in_a_group_writable_directory_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "team"
+    shared.mkdir()
+    shared.chmod(0o770)
+    path = shared / "run.lock"
+    for args in (["run"], ["lock", "status"], ["lock", "release"]):
+        proc, _ = cola(cli_env(path), *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "COLA_LOCK_FILE" in proc.stderr and "group-writable" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a directory to another user")
+def test_lock_file_in_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    # Its owner could hold the lock for ever (every run would exit 0 sending
+    # nothing) or swap the file: the same hole as a world-writable directory.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    proc, _ = cola(cli_env(theirs / "run.lock"), "run")
+    assert proc.returncode == 2, proc.stderr
+    assert "COLA_LOCK_FILE" in proc.stderr and "owned by" in proc.stderr
+    assert not (theirs / "run.lock").exists()
+
+
+def test_hard_linked_lock_path_is_refused_and_its_other_name_untouched(
+    lock_dir: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("do not touch\n")
+    link = lock_dir / "run.lock"
+    os.link(target, link)
+    for args in (["run"], ["lock", "status"], ["lock", "release"]):
+        proc, _ = cola(cli_env(link), *args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "COLA_LOCK_FILE" in proc.stderr and "hard link" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert target.read_text() == "do not touch\n"
+        assert link.exists() and target.stat().st_nlink == 2
+    with pytest.raises(ConfigError, match="hard link"):
+        file_lock.acquire(str(link))
+    assert target.read_text() == "do not touch\n"
+
+
+@pytest.mark.parametrize("args", [["lock", "status"], ["lock", "release"], ["run"], ["status"]])
+def test_fifo_at_the_lock_path_never_blocks(lock_dir: Path, args: list[str]) -> None:
+    fifo = lock_dir / "run.lock"
+    os.mkfifo(fifo, 0o600)
+    proc, _ = cola(cli_env(fifo), *args, timeout=20)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "COLA_LOCK_FILE" in proc.stderr and "not a regular file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_acquire_creates_a_private_directory_and_file(tmp_path: Path) -> None:
+    directory = tmp_path / "state" / "cola-worker"
+    path = directory / "cola-worker.lock"
+    got = file_lock.acquire(str(path))
     try:
         assert isinstance(got, file_lock.FileLock)
-        assert stat.S_IMODE(expected_dir.stat().st_mode) == 0o700
-        assert stat.S_IMODE(Path(settings.lock_file).stat().st_mode) == 0o600
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
         if isinstance(got, file_lock.FileLock):
             got.release()
 
 
-def test_default_lock_file_prefers_xdg_runtime_dir(tmp_path: Path) -> None:
-    settings = load_settings(
-        environ={"HOME": str(tmp_path / "home"), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
-    )
-    assert Path(settings.lock_file) == tmp_path / "run" / "cola-worker" / "cola-worker.lock"
+def _home_of_this_user() -> Path:
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
 
 
-def test_cli_uses_the_default_lock_file_under_home(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COLA_") and k != "XDG_RUNTIME_DIR"}
-    env["HOME"] = str(home)
+def _expected_default() -> Path:
+    """Under the password database's home of this uid (or the per-uid /tmp
+    directory when that home does not exist, as for some CI users)."""
+    home = _home_of_this_user()
+    if home.is_dir() and home != Path("/"):
+        return home / ".local" / "state" / "cola-worker" / "cola-worker.lock"
+    return Path(f"/tmp/cola-worker-{os.getuid()}/cola-worker.lock")
+
+
+def test_default_lock_file_ignores_the_session_environment() -> None:
+    expected = _expected_default()
+    for environ in (
+        {},
+        {"HOME": "/somewhere/else"},
+        {"HOME": str(_home_of_this_user()), "XDG_RUNTIME_DIR": "/run/user/12345"},
+    ):
+        assert Path(load_settings(environ=environ).lock_file) == expected, environ
+
+
+def test_default_lock_file_without_a_home_is_a_per_uid_directory() -> None:
+    known = {entry.pw_uid for entry in pwd.getpwall()}
+    uid = next(u for u in range(54_321, 99_999) if u not in known)
+    assert default_lock_file(uid) == f"/tmp/cola-worker-{uid}/cola-worker.lock"
+
+
+def _lock_status_path(env: dict[str, str]) -> str:
     proc, _ = cola(env, "lock", "status")
     assert proc.returncode == 0, proc.stderr
-    assert str(home / ".local" / "state" / "cola-worker" / "cola-worker.lock") in proc.stdout
+    return proc.stdout.split(": ", 1)[0]
+
+
+def test_cron_and_an_interactive_shell_of_the_same_user_share_the_default_lock(tmp_path: Path) -> None:
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    home = str(_home_of_this_user())
+    interactive = {k: v for k, v in os.environ.items() if not k.startswith("COLA_")}
+    interactive.update({"HOME": home, "XDG_RUNTIME_DIR": str(runtime)})
+    # Debian's cron: a handful of variables; in a container often none at all.
+    cron = {"PATH": "/usr/bin:/bin", "HOME": home, "LOGNAME": "x", "SHELL": "/bin/sh"}
+    sudo_kept_home = {**cron, "HOME": str(tmp_path / "someone-elses-home")}
+    paths = {
+        name: _lock_status_path(env)
+        for name, env in (
+            ("interactive", interactive),
+            ("cron", cron),
+            ("empty", {}),
+            ("sudo", sudo_kept_home),
+        )
+    }
+    assert len(set(paths.values())) == 1, paths
+    assert paths["cron"] == str(_expected_default())
 
 
 # --- lock status / lock release -----------------------------------------------

@@ -1,4 +1,4 @@
-"""The database dies in the middle of a run (G2, G3). Per DESIGN.md section 7
+"""The database dies in the middle of a run (G2, G3). Per docs/design.md section 8
 the test kills only a private MariaDB server of its own, by pid."""
 
 from __future__ import annotations

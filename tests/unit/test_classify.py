@@ -1,4 +1,4 @@
-"""DESIGN.md section 3: the provider's result, and only it, decides the row."""
+"""docs/design.md section 4: the provider's result, and only it, decides the row."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Phones are masked in logs (DESIGN.md G7)."""
+"""Phones are masked in logs (docs/design.md, G7)."""
 
 from __future__ import annotations
 

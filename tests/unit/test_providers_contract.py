@@ -90,6 +90,10 @@ TRANSPORT_ERRORS = [
 ]
 
 
+# Error classes a provider body can name; each must lose to a 2xx status.
+ERROR_KINDS = ["retryable", "throttled", "permanent", "blocked"]
+
+
 class ProviderContract:
     """The shared tests. Subclasses fill in the hooks below."""
 
@@ -108,6 +112,11 @@ class ProviderContract:
         raise NotImplementedError
 
     def error_response(self, status: int, code: int | str, message: str) -> httpx.Response:
+        raise NotImplementedError
+
+    def ok_with_error_response(self, kind: str, with_id: bool) -> httpx.Response:
+        """A 2xx whose body carries this provider's error of ``kind`` (one of
+        ERROR_KINDS) next to the message id ``msg-4242`` (or without any id)."""
         raise NotImplementedError
 
     def check_text_request(self, request: httpx.Request) -> None:
@@ -205,6 +214,26 @@ class ProviderContract:
     def test_2xx_without_message_id_is_ambiguous(self) -> None:
         result = self.send_one(self.no_id_response())
         assert isinstance(result, Ambiguous)
+
+    @pytest.mark.parametrize("kind", ERROR_KINDS)
+    def test_2xx_with_a_message_id_is_accepted_whatever_else_the_body_says(self, kind: str) -> None:
+        # The provider took the message: sending it again would be a duplicate.
+        result = self.send_one(self.ok_with_error_response(kind, with_id=True))
+        assert isinstance(result, Accepted), result
+        assert result.message_id == "msg-4242"
+
+    @pytest.mark.parametrize("kind", ERROR_KINDS)
+    def test_2xx_without_a_message_id_is_ambiguous_whatever_error_the_body_carries(self, kind: str) -> None:
+        # A 2xx may mean the provider took it: never retryable, throttled or permanent.
+        result = self.send_one(self.ok_with_error_response(kind, with_id=False))
+        assert isinstance(result, Ambiguous), result
+        assert result.http_status is not None and 200 <= result.http_status < 300
+
+    @pytest.mark.parametrize("status", [200, 201, 202, 204])
+    def test_any_2xx_status_without_an_id_is_ambiguous(self, status: int) -> None:
+        result = self.send_one(response_for(status, None if status == 204 else {}))
+        assert isinstance(result, Ambiguous), result
+        assert result.http_status == status
 
     @pytest.mark.parametrize("status", [500, 502, 503, 504])
     @pytest.mark.parametrize("body", [None, b"<html>Bad Gateway</html>"], ids=["empty", "html"])
@@ -416,6 +445,19 @@ class TestMetaProvider(ProviderContract):
     def no_id_response(self) -> httpx.Response:
         return httpx.Response(200, json={"messaging_product": "whatsapp", "messages": []})
 
+    ERROR_CODES: ClassVar[dict[str, int]] = {
+        "retryable": 131000,
+        "throttled": 130429,
+        "permanent": 131026,
+        "blocked": 190,
+    }
+
+    def ok_with_error_response(self, kind: str, with_id: bool) -> httpx.Response:
+        body: dict[str, Any] = {"messaging_product": "whatsapp", **meta_error(self.ERROR_CODES[kind])}
+        if with_id:
+            body["messages"] = [{"id": "msg-4242"}]
+        return httpx.Response(200, json=body, headers={"Retry-After": "5"})
+
     def error_response(self, status: int, code: int | str, message: str) -> httpx.Response:
         return httpx.Response(status, json=meta_error(code, message))
 
@@ -553,6 +595,20 @@ class TestTwilioProvider(ProviderContract):
     def no_id_response(self) -> httpx.Response:
         return httpx.Response(201, json={"status": "queued"})
 
+    ERROR_CODES: ClassVar[dict[str, int]] = {
+        "retryable": 20503,
+        "throttled": 20429,
+        "permanent": 21211,
+        "blocked": 20003,
+    }
+
+    def ok_with_error_response(self, kind: str, with_id: bool) -> httpx.Response:
+        code = self.ERROR_CODES[kind]
+        body: dict[str, Any] = {**twilio_error(code, 201), "error_code": code, "error_message": "refused"}
+        if with_id:
+            body["sid"] = "msg-4242"
+        return httpx.Response(201, json=body, headers={"Retry-After": "5"})
+
     def error_response(self, status: int, code: int | str, message: str) -> httpx.Response:
         twilio_code = {131026: 21211, 190: 20003, 131000: 20503, 130429: 20429}.get(int(code), int(code))
         return httpx.Response(status, json=twilio_error(twilio_code, status, message))
@@ -634,6 +690,19 @@ class TestWebhookProvider(ProviderContract):
 
     def no_id_response(self) -> httpx.Response:
         return httpx.Response(202, json={"status": "queued"})
+
+    ERROR_BODIES: ClassVar[dict[str, dict[str, Any]]] = {
+        "retryable": {"error": {"code": "busy", "retryable": True}},
+        "throttled": {"error": {"code": "rate"}, "scope": "recipient"},
+        "permanent": {"error": {"code": "bad_number", "message": "no such"}},
+        "blocked": {"error": {"code": "sender_banned", "message": "no"}},
+    }
+
+    def ok_with_error_response(self, kind: str, with_id: bool) -> httpx.Response:
+        body = dict(self.ERROR_BODIES[kind])
+        if with_id:
+            body["id"] = "msg-4242"
+        return httpx.Response(200, json=body, headers={"Retry-After": "5"})
 
     def error_response(self, status: int, code: int | str, message: str) -> httpx.Response:
         error: dict[str, Any] = {"code": str(code), "message": message}

@@ -3,7 +3,7 @@
 parsing, and the rules that keep secrets and phone numbers out of results
 and logs.
 
-Transport errors are classified by *when* they can happen (DESIGN.md section 3):
+Transport errors are classified by *when* they can happen (docs/design.md section 4):
 
 - ``ConnectError``, ``ConnectTimeout``, ``PoolTimeout``, ``UnsupportedProtocol``:
   raised before any byte of the request left, so the message was definitely
@@ -20,7 +20,7 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -180,8 +180,16 @@ class HttpProvider(Provider):
         cannot be sent as it is (nothing goes out then)."""
 
     @abc.abstractmethod
+    def message_id(self, body: Any) -> object:
+        """The provider's message id in a decoded 2xx body (None when absent)."""
+
+    @abc.abstractmethod
+    def classify_error(self, response: httpx.Response) -> SendResult:
+        """Map a complete non-2xx HTTP response to exactly one result."""
+
     def classify(self, response: httpx.Response) -> SendResult:
-        """Map a complete HTTP response to exactly one result."""
+        """Map a complete HTTP response to exactly one result (see :func:`classify_answer`)."""
+        return classify_answer(response, self.message_id, self.classify_error)
 
     def clean(self, text: object) -> str:
         return clean_text(text, self._secrets)
@@ -225,6 +233,22 @@ class HttpProvider(Provider):
 
     def __repr__(self) -> str:  # never the token: only the class and provider name
         return f"<{type(self).__name__} name={self.name!r}>"
+
+
+def classify_answer(
+    response: httpx.Response,
+    message_id: Callable[[Any], object],
+    classify_error: Callable[[httpx.Response], SendResult],
+) -> SendResult:
+    """The rule every HTTP provider shares (docs/design.md section 4):
+    a 2xx that carries the provider's message id is accepted, whatever else the
+    body says (an ``error`` object next to the id must not make it retryable,
+    or it would be sent twice); a 2xx without one is ambiguous, never
+    retryable. Only other statuses reach the provider's own error table."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return accepted_or_ambiguous(message_id(json_body(response)), status)
+    return classify_error(response)
 
 
 def accepted_or_ambiguous(message_id: object, status: int) -> Accepted | Ambiguous:

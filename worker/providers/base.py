@@ -2,7 +2,7 @@
 
 The run decides what to do with a row from the *result* only, never from HTTP
 details. Every provider maps its own answers into exactly one of these result
-classes (DESIGN.md section 3):
+classes (docs/design.md section 4):
 
 - :class:`Accepted` -- the provider took the message (with its message id).
 - :class:`Throttled` -- definitely not accepted; try later, no attempt spent.

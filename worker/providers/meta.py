@@ -17,7 +17,7 @@ import httpx
 from worker.errors import ConfigError
 from worker.providers._http import (
     HttpProvider,
-    accepted_or_ambiguous,
+    classify_answer,
     json_body,
     parse_retry_after,
     require_http_url,
@@ -48,8 +48,20 @@ SANDBOX_PHONE_NUMBER_ID = "sandbox"
 SANDBOX_TOKEN = "sandbox"
 
 
+def meta_message_id(body: Any) -> object:
+    """``messages[0].id`` of a Cloud API success body, or None."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    first = messages[0] if isinstance(messages, list) and messages else None
+    return first.get("id") if isinstance(first, dict) else None
+
+
 def classify_meta(response: httpx.Response, clean: Callable[[object], str] = str) -> SendResult:
-    """Map one Cloud API response to a result (DESIGN.md section 3)."""
+    """Map one Cloud API response to a result (docs/design.md section 4)."""
+    return classify_answer(response, meta_message_id, lambda r: classify_meta_error(r, clean))
+
+
+def classify_meta_error(response: httpx.Response, clean: Callable[[object], str] = str) -> SendResult:
+    """Map one non-2xx Cloud API response to a result."""
     status = response.status_code
     body = json_body(response)
     error = body.get("error") if isinstance(body, dict) else None
@@ -59,10 +71,6 @@ def classify_meta(response: httpx.Response, clean: Callable[[object], str] = str
     # come from a proxy or gateway in front of Meta, and proves nothing.
     if isinstance(error, dict) and _meta_code(error.get("code")) is not None:
         return _classify_error(error, status, retry_after, clean)
-    if 200 <= status < 300:
-        messages = body.get("messages") if isinstance(body, dict) else None
-        first = messages[0] if isinstance(messages, list) and messages else None
-        return accepted_or_ambiguous(first.get("id") if isinstance(first, dict) else None, status)
     # No Meta error body: the answer may come from a proxy or load balancer.
     if status == 429:
         return Throttled(scope="sender", retry_after=retry_after, text="HTTP 429", http_status=status)
@@ -209,8 +217,11 @@ class MetaProvider(HttpProvider):
             return payload
         return self._client.build_request("POST", self.url_for(request.sender), json=payload)
 
-    def classify(self, response: httpx.Response) -> SendResult:
-        return classify_meta(response, self.clean)
+    def message_id(self, body: Any) -> object:
+        return meta_message_id(body)
+
+    def classify_error(self, response: httpx.Response) -> SendResult:
+        return classify_meta_error(response, self.clean)
 
 
 class FakeProvider(MetaProvider):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -18,7 +19,7 @@ import httpx
 from worker.errors import ConfigError
 from worker.providers._http import (
     HttpProvider,
-    accepted_or_ambiguous,
+    classify_answer,
     json_body,
     parse_retry_after,
     require_http_url,
@@ -50,12 +51,21 @@ def whatsapp_address(number: str) -> str:
     return "whatsapp:" + (number if number.startswith("+") else "+" + number)
 
 
+def twilio_message_id(body: Any) -> object:
+    """The Message resource's ``sid``, or None."""
+    return body.get("sid") if isinstance(body, dict) else None
+
+
 def classify_twilio(response: httpx.Response, clean: Callable[[object], str] = str) -> SendResult:
+    """Map one Messages API response to a result (docs/design.md section 4)."""
+    return classify_answer(response, twilio_message_id, lambda r: classify_twilio_error(r, clean))
+
+
+def classify_twilio_error(response: httpx.Response, clean: Callable[[object], str] = str) -> SendResult:
+    """Map one non-2xx Messages API response to a result."""
     status = response.status_code
     body = json_body(response)
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
-    if 200 <= status < 300:
-        return accepted_or_ambiguous(body.get("sid") if isinstance(body, dict) else None, status)
 
     raw_code = body.get("code") if isinstance(body, dict) else None
     code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
@@ -172,5 +182,8 @@ class TwilioProvider(HttpProvider):
             return form
         return self._client.build_request("POST", self._url, data=form)
 
-    def classify(self, response: httpx.Response) -> SendResult:
-        return classify_twilio(response, self.clean)
+    def message_id(self, body: Any) -> object:
+        return twilio_message_id(body)
+
+    def classify_error(self, response: httpx.Response) -> SendResult:
+        return classify_twilio_error(response, self.clean)

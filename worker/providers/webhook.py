@@ -2,7 +2,7 @@
 
 The request and response contract is written out in docs/providers.md:
 
-- 2xx with ``{"id": "..."}`` -> accepted (2xx without an id -> ambiguous);
+- 2xx with ``{"id": "..."}`` -> accepted, whatever else the body says (2xx without an id -> ambiguous);
 - 429 -> throttled (``{"scope": "recipient"}`` selects the recipient; ``Retry-After``);
 - 401 / 403 -> sender blocked;
 - other 4xx -> permanent (``error.code`` / ``error.message`` when present);
@@ -18,7 +18,6 @@ import httpx
 from worker.errors import ConfigError
 from worker.providers._http import (
     HttpProvider,
-    accepted_or_ambiguous,
     json_body,
     parse_retry_after,
     require_http_url,
@@ -102,11 +101,12 @@ class WebhookProvider(HttpProvider):
             return payload
         return self._client.build_request("POST", self._url, json=payload)
 
-    def classify(self, response: httpx.Response) -> SendResult:
+    def message_id(self, body: Any) -> object:
+        return body.get("id") if isinstance(body, dict) else None
+
+    def classify_error(self, response: httpx.Response) -> SendResult:
         status = response.status_code
         body = json_body(response)
-        if 200 <= status < 300:
-            return accepted_or_ambiguous(body.get("id") if isinstance(body, dict) else None, status)
         error = body.get("error") if isinstance(body, dict) else None
         code: str | None = None
         text = f"HTTP {status}"
