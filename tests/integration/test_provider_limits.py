@@ -3,6 +3,7 @@ and secrets kept out of every output."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections import Counter
 from pathlib import Path
@@ -144,5 +145,48 @@ def test_secrets_never_appear_in_any_output(sqlite_db_url: str, tmp_path: Path) 
         proc = run_worker(env, "run")
         assert proc.returncode == 3, proc.stderr
         assert db_secret not in proc.stdout + proc.stderr
+    finally:
+        server.stop()
+
+
+def _arrivals(server: SandboxServer) -> list[float]:
+    """When the sandbox decided each accepted request (its clock), seconds, sorted."""
+    return sorted(dt.datetime.fromisoformat(e["ts"]).timestamp() for e in server.ledger())
+
+
+def _busiest_window(times: list[float], width: float) -> int:
+    """The most arrivals in any half-open window ``[t, t + width)`` starting at an arrival."""
+    return max(sum(1 for u in times[i:] if u < t + width) for i, t in enumerate(times))
+
+
+def test_the_configured_rate_is_kept_end_to_end(sqlite_db_url: str, tmp_path: Path) -> None:
+    """G5, the rate alone: distinct recipients (the pair interval never applies),
+    no limit in the sandbox, and a run that could go far faster than the rate.
+    The sandbox's own arrival times show the spacing the worker kept."""
+    rate, n = 8, 40
+    server = SandboxServer(SandboxOptions(port=0, latency_ms=10))
+    server.start()
+    try:
+        ids = seed(sqlite_db_url, n)  # n distinct recipients
+        env = worker_env(
+            sqlite_db_url,
+            tmp_path,
+            provider="fake",
+            fake_base_url=server.base_url,
+            rate_limit=rate,
+            pair_interval=6,
+            concurrency=16,
+        )
+        proc = run_worker(env, "run", "--max-jobs", "0")
+        assert proc.returncode == 0, proc.stderr
+        assert _ledger(server) == Counter({str(i): 1 for i in ids})
+        times = _arrivals(server)
+        # A token bucket of capacity one: no window of 1 s (or 2 s) holds more than
+        # rate * width + 1 arrivals; one more is allowed for scheduling jitter.
+        for width in (1.0, 2.0):
+            busiest = _busiest_window(times, width)
+            assert busiest <= rate * width + 2, (width, busiest, times)
+        overall = (n - 1) / (times[-1] - times[0])
+        assert 0.75 * rate <= overall <= 1.1 * rate, overall
     finally:
         server.stop()
