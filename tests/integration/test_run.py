@@ -9,8 +9,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from support import (
     execute,
     kill_group,
@@ -25,6 +27,7 @@ from support import (
     worker_env,
 )
 
+from worker import db
 from worker.sandbox import SandboxOptions, SandboxServer
 
 
@@ -46,6 +49,15 @@ def make_sandbox(**options: object) -> SandboxServer:
 
 def env_for(url: str, tmp_path: Path, server: SandboxServer, **extra: object) -> dict[str, str]:
     return worker_env(url, tmp_path, provider="fake", fake_base_url=server.base_url, **extra)
+
+
+def query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = db.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(sql))]
+    finally:
+        engine.dispose()
 
 
 def ledger_jobs(server: SandboxServer) -> Counter[str]:
@@ -322,17 +334,39 @@ def test_sigkill_mid_batch_then_recovery(db_url: str, tmp_path: Path) -> None:
 def test_sigterm_finishes_in_flight_and_releases_the_rest(db_url: str, tmp_path: Path) -> None:
     server = make_sandbox(latency_ms=1000)
     try:
-        seed(db_url, 10)
+        ids = seed(db_url, 10)
         env = env_for(db_url, tmp_path, server, concurrency=2)
         proc = start_worker(env, "run", log=tmp_path / "term.log")
         assert wait_until(lambda: states(db_url)["enviando"] == 2, timeout=20)
+        in_flight = {i for i, r in rows(db_url).items() if r["estado"] == "enviando"}
         kill_group(proc, signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-        final = states(db_url)
-        assert final["enviado"] >= 2
-        assert final["enviado"] + final["pendiente"] == 10  # nothing procesando/enviando
-        assert sum(ledger_jobs(server).values()) == final["enviado"]
-        assert "SIGTERM received" in (tmp_path / "term.log").read_text()
+        after = rows(db_url)
+        sent = ledger_jobs(server)
+        journal = {
+            int(r[0])
+            for r in query(db_url, "SELECT cola_envio_id FROM intentos_envio WHERE resultado = 'accepted'")
+        }
+        assert scalar(db_url, "SELECT COUNT(*) FROM intentos_envio") == len(journal)
+        # The messages in flight at the signal were finished and their answers recorded.
+        assert in_flight <= journal
+        # Every row that reached the provider ended enviado, accepted once.
+        for i in journal:
+            assert after[i]["estado"] == "enviado" and sent[str(i)] == 1, after[i]
+        # Every row claimed but never fenced went back to pendiente untouched:
+        # no attempt spent, no token, no owner, never sent.
+        unsent = set(ids) - journal
+        for i in unsent:
+            r = after[i]
+            got = (r["estado"], r["intentos"], r["claim_token"], r["ejecucion_id"])
+            assert got == ("pendiente", 0, None, None), r
+            assert str(i) not in sent
+        assert len(unsent) >= 6  # the signal stopped the run: no new claims, no new sends
+        assert states(db_url) == Counter({"enviado": len(journal), "pendiente": len(unsent)})
+        assert sum(sent.values()) == len(journal)
+        log = (tmp_path / "term.log").read_text()
+        assert "SIGTERM received" in log
+        assert f"claimed 10, sent {len(journal)}" in log and f"released {len(unsent)}" in log
     finally:
         server.stop()
 
