@@ -481,7 +481,15 @@ class Runner:
         for row, token in pending:
             by_token.setdefault(token, []).append(row.id)
         for token, ids in by_token.items():
-            self.counts.released += self.repo.release(token, ids)
+            released = self.repo.release(token, ids)
+            self.counts.released += released
+            if released < len(ids):  # taken by a recovery meanwhile: no longer ours
+                self.counts.lost += len(ids) - released
+                logger.warning(
+                    "%d claimed row(s) were taken from this run before they were sent",
+                    len(ids) - released,
+                    extra={"action": "lost"},
+                )
 
     def _launch_wave(
         self,
