@@ -355,10 +355,17 @@ def _classify_unexpected(exc: Exception) -> tuple[int, str]:
         translated = db.translate_error(exc)
         if isinstance(translated, ColaError):
             return translated.exit_code, str(translated)
-    import traceback
+    import logging
 
-    traceback.print_exc()
-    return 1, f"unexpected error: {type(exc).__name__}: {exc}"
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        import traceback
+
+        traceback.print_exc()
+        hint = ""
+    else:
+        hint = " (COLA_LOG_LEVEL=DEBUG shows the traceback)"
+    return 1, f"unexpected error: {type(exc).__name__}: {first_line}{hint}"
 
 
 def print_json(data: Any) -> None:

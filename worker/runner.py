@@ -267,6 +267,7 @@ class Runner:
         self._count_lock = threading.Lock()
         self._hb_stop = threading.Event()
         self._signalled = False
+        self._provider_raised: str | None = None
 
     # --- the run ------------------------------------------------------------
 
@@ -304,7 +305,7 @@ class Runner:
         code = 0
         if self._blocked is not None:
             code = SenderBlockedError.exit_code
-        elif self.counts.record_errors or self._lost_lease:
+        elif self.counts.record_errors or self._lost_lease or self._provider_raised:
             code = 1
         result = RunResult(
             counts=self.counts,
@@ -560,7 +561,17 @@ class Runner:
                 else Permanent("invalid_payload", bad_payload)
             )
         except Exception as exc:  # a provider bug: the request may have gone out
-            logger.exception("provider raised", extra={"action": "provider_error", "job": str(row.id)})
+            what = f"provider {self.provider_name} raised {type(exc).__name__}: {exc}"
+            logger.error(
+                "%s (row %s: the request may have gone out, so it becomes incierto); stopping the run",
+                what,
+                row.id,
+                exc_info=_traceback_wanted(),
+                extra={"action": "provider_error", "job": str(row.id)},
+            )
+            # An unexpected error: no new claims, the rest goes back untouched, exit 1.
+            self._provider_raised = what
+            self.stop_event.set()
             result = Ambiguous(text=f"provider raised {type(exc).__name__}")
         latency_ms = int((time.monotonic() - t0) * 1000)
         outcome = classify(result, row, self.policy, self.settings.pair_interval)
@@ -568,9 +579,12 @@ class Runner:
             owned = self._recorder(Attempt(row, token, outcome, started_at, latency_ms))
         except Exception as exc:
             # The row stays `enviando`: recovery will make it `incierto`.
-            logger.exception(
-                "could not record the outcome of row %s",
+            logger.error(
+                "could not record the outcome of row %s (%s: %s): it stays enviando until a recovery",
                 row.id,
+                type(exc).__name__,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                exc_info=_traceback_wanted(),
                 extra={"action": "record_error", "job": str(row.id)},
             )
             return _Sent(row, outcome, result, latency_ms, False, exc)
@@ -670,6 +684,11 @@ class Runner:
                 "latency_ms": latency_ms,
             },
         )
+
+
+def _traceback_wanted() -> bool:
+    """Tracebacks only at COLA_LOG_LEVEL=DEBUG: an operator gets one clear line."""
+    return logger.isEnabledFor(logging.DEBUG)
 
 
 # --- the command ---------------------------------------------------------------
