@@ -13,6 +13,7 @@ import os
 import pwd
 import signal
 import stat
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -166,10 +167,49 @@ def test_second_run_exits_zero_at_once_naming_the_holder(start_holder: StartHold
     assert f"pid {holder.pid}" in proc.stderr
     assert holder.started in proc.stderr
     assert "COLA_DATABASE_URL" not in proc.stderr  # it never looked at the database URL
-    assert elapsed < 3.0, f"a refused run took {elapsed:.2f} s"
+    assert elapsed < 3.0, f"a refused run took {elapsed:.2f} s"  # the contract: the test below
     assert proc.stdout == ""
     # The refused run did not disturb the holder's record.
     assert json.loads(lock_path.read_text())["pid"] == holder.pid
+
+
+def _refused_runs(env: dict[str, str], n: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (user + system) seconds of ``n`` whole refused-run processes."""
+    walls, cpus = [], []
+    for _ in range(n):
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            [*CLI, "run"], env=env, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        proc.stderr.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        walls.append(time.monotonic() - t0)
+        cpus.append(usage.ru_utime + usage.ru_stime)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0 and HELD.encode() in err, err
+    return walls, cpus
+
+
+def test_a_refused_run_ends_well_under_half_a_second(start_holder: StartHolder, lock_path: Path) -> None:
+    """G4's contract: the whole refused process ends in well under 0.5 s (the
+    bench prints the median of 10). The median of 5, after one warm-up run; on a
+    loaded machine a round may be retried twice, and its CPU time (which load
+    hardly inflates) must stay under the same bound in every round."""
+    start_holder()
+    env = cli_env(lock_path)
+    _refused_runs(env, 1)  # page cache warm-up, not counted
+    medians = []
+    for _ in range(3):
+        walls, cpus = _refused_runs(env, 5)
+        assert statistics.median(cpus) < 0.5, f"CPU per refused run: {cpus}"
+        medians.append(statistics.median(walls))
+        if medians[-1] < 0.5:
+            return
+    pytest.fail(
+        f"median whole-process time of a refused run, three rounds of 5: {medians} s (contract < 0.5 s)"
+    )
 
 
 def test_refused_run_never_imports_sqlalchemy_or_httpx(start_holder: StartHolder, lock_path: Path) -> None:
