@@ -173,43 +173,53 @@ def test_second_run_exits_zero_at_once_naming_the_holder(start_holder: StartHold
     assert json.loads(lock_path.read_text())["pid"] == holder.pid
 
 
-def _refused_runs(env: dict[str, str], n: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU (user + system) seconds of ``n`` whole refused-run processes."""
-    walls, cpus = [], []
-    for _ in range(n):
-        t0 = time.monotonic()
-        proc = subprocess.Popen(
-            [*CLI, "run"], env=env, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        proc.stderr.close()
-        _, status, usage = os.wait4(proc.pid, 0)
-        walls.append(time.monotonic() - t0)
-        cpus.append(usage.ru_utime + usage.ru_stime)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        assert proc.returncode == 0 and HELD.encode() in err, err
-    return walls, cpus
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, bytes]:
+    """Wall and CPU (user + system) seconds of one whole process, its exit code and stderr."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    proc.stderr.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.monotonic() - t0, usage.ru_utime + usage.ru_stime, proc.returncode, err
+
+
+CONTRACT_S = 0.5  # G4: the whole refused process ends in well under half a second
+BARE_START_S = 0.1  # a generous `python -c pass` on an idle machine
 
 
 def test_a_refused_run_ends_well_under_half_a_second(start_holder: StartHolder, lock_path: Path) -> None:
-    """G4's contract: the whole refused process ends in well under 0.5 s (the
-    bench prints the median of 10). The median of 5, after one warm-up run; on a
-    loaded machine a round may be retried twice, and its CPU time (which load
-    hardly inflates) must stay under the same bound in every round."""
+    """G4's contract, as the bench measures it: the median of 5 whole refused
+    processes (after one warm-up) under 0.5 s. On a shared machine wall time is
+    mostly waiting for a CPU or the disk, so two things keep the test strict
+    and still robust under load:
+    - the CPU time (user + system, which waiting does not inflate) of a refused
+      run stays under half the bound in every round (it is about 0.08 s;
+      importing SQLAlchemy and httpx first would cost about 0.4 s);
+    - the wall-time bound is the contract scaled by the slowdown measured in the
+      same round on a bare interpreter start (`python -c pass`): exactly 0.5 s
+      while a bare start takes up to 0.1 s. Up to 3 rounds."""
     start_holder()
     env = cli_env(lock_path)
-    _refused_runs(env, 1)  # page cache warm-up, not counted
-    medians = []
+    bare_cmd = [str(Path(sys.executable)), "-c", "pass"]
+    _timed([*CLI, "run"], env)  # page cache warm-up, not counted
+    report = []
     for _ in range(3):
-        walls, cpus = _refused_runs(env, 5)
-        assert statistics.median(cpus) < 0.5, f"CPU per refused run: {cpus}"
-        medians.append(statistics.median(walls))
-        if medians[-1] < 0.5:
+        walls, cpus, bares = [], [], []
+        for _ in range(5):
+            wall, cpu, code, err = _timed([*CLI, "run"], env)
+            assert code == 0 and HELD.encode() in err, err
+            walls.append(wall)
+            cpus.append(cpu)
+            bares.append(_timed(bare_cmd, env)[0])
+        assert statistics.median(cpus) < CONTRACT_S / 2, f"CPU seconds per refused run: {cpus}"
+        bound = CONTRACT_S * max(1.0, statistics.median(bares) / BARE_START_S)
+        median = statistics.median(walls)
+        report.append(f"median {median:.3f} s, bound {bound:.3f} s")
+        if median < bound:
             return
-    pytest.fail(
-        f"median whole-process time of a refused run, three rounds of 5: {medians} s (contract < 0.5 s)"
-    )
+    pytest.fail(f"a refused run is too slow, 3 rounds of 5: {report}")
 
 
 def test_refused_run_never_imports_sqlalchemy_or_httpx(start_holder: StartHolder, lock_path: Path) -> None:
