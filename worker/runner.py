@@ -331,6 +331,17 @@ class Runner:
             " (stopped by signal)" if self._signalled else "",
             extra={"action": "run_end", "run": self.run_id, "counts": c.__dict__},
         )
+        if code == 1:
+            reasons = []
+            if self._lost_lease:
+                reasons.append(f"a recovery declared this run dead; it lost {c.lost} row(s)")
+            if c.record_errors:
+                reasons.append(f"{c.record_errors} outcome(s) could not be recorded")
+            if self._provider_raised:
+                reasons.append(self._provider_raised)
+            logger.error(
+                "run %s failed (exit 1): %s", self.run_id, "; ".join(reasons), extra={"action": "run_failed"}
+            )
         return result
 
     def _recover(self) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import execute, phone, rows, run_worker, scalar, seed, states, worker_env
+from support import execute, phone, rows, run_worker, scalar, seed, worker_env
 
 from worker.sandbox import SandboxOptions, SandboxServer
 
@@ -91,7 +91,9 @@ def test_a_provider_that_raises_stops_the_run_exit_1(
     env["RAISING_RECIPIENT"] = phone(1)
     proc = run_worker(env, "run")
     assert proc.returncode == 1, proc.stderr
-    assert "provider raising raised RuntimeError: plugin bug after the request went out" in proc.stderr
+    what = "provider raising raised RuntimeError: plugin bug after the request went out"
+    assert what in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].endswith(f"run 1 failed (exit 1): {what}")
     assert ("Traceback" in proc.stderr) == (log_level == "DEBUG")
     table = rows(sqlite_db_url)
     # The request may have gone out (here it did): incierto, never sent again.
@@ -123,16 +125,22 @@ def test_an_outcome_that_cannot_be_recorded_exits_1(
     proc = run_worker(env, "run")
     assert proc.returncode == 1, proc.stderr
     assert f"could not record the outcome of row {bad}" in proc.stderr
+    assert "run 1 failed (exit 1): 1 outcome(s) could not be recorded" in proc.stderr
     assert "Traceback" not in proc.stderr
-    st = states(sqlite_db_url)
-    assert st["enviado"] == 3 and st["procesando"] == 0 and st["pendiente"] == 0
-    # Accepted but not recorded: left for recovery (or a replay), never sent again.
+    table = rows(sqlite_db_url)
+    # Accepted but not recorded: it stays enviando, for a recovery (or a replay).
+    assert table[bad]["estado"] == "enviando"
+    for i in set(ids) - {bad}:  # the others were recorded, or released untouched
+        assert table[i]["estado"] in ("enviado", "pendiente"), table[i]
+        assert table[i]["estado"] == "enviado" or table[i]["intentos"] == 0
     execute(sqlite_db_url, "DROP TRIGGER refuse_record")
-    time.sleep(2.3)
+    time.sleep(2.3)  # past the lease
     again = run_worker(env, "run")
     assert again.returncode == 0, again.stderr
-    assert rows(sqlite_db_url)[bad]["estado"] in ("incierto", "enviado")
-    assert _ledger(sandbox) == Counter({str(i): 1 for i in ids})
+    table = rows(sqlite_db_url)
+    assert table[bad]["estado"] in ("incierto", "enviado")  # never pendiente: it went out
+    assert all(table[i]["estado"] == "enviado" for i in set(ids) - {bad})
+    assert _ledger(sandbox) == Counter({str(i): 1 for i in ids})  # nothing sent twice
 
 
 @pytest.mark.parametrize("log_level", ["INFO", "DEBUG"])
