@@ -1,4 +1,4 @@
-"""Exit 1 (DESIGN section 5): outcomes that cannot be recorded, an unexpected
+"""Exit 1 (docs/design.md section 6): outcomes that cannot be recorded, an unexpected
 error in the middle of a run, and a provider plugin that raises. Each gives
 exit 1, one clear message, no traceback unless COLA_LOG_LEVEL=DEBUG, and leaves
 no row claimed: unsent rows are pendiente, rows in flight end as G2/G3 say."""

@@ -1,4 +1,4 @@
-"""DESIGN section 6: on MySQL/MariaDB the claim runs under READ COMMITTED
+"""docs/design.md section 7: on MySQL/MariaDB the claim runs under READ COMMITTED
 (under the default REPEATABLE READ, gap locks made producers wait and
 claimers deadlock). Read from the server, inside the claim's own transaction."""
 
