@@ -18,7 +18,8 @@ from worker.errors import ColaError, UsageError
 from worker.settings import OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
 
 # Which settings each command takes as flags (all have COLA_* variables).
-_RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.flag)
+_PRUNE_ONLY = ("keep_keys_days",)
+_RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.flag and o.name not in _PRUNE_ONLY)
 _COMMON = ("log_format", "log_level")
 _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "run": _RUN_OPTIONS,
@@ -30,7 +31,7 @@ _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "pause": _COMMON,
     "resume": _COMMON,
     "recover": (*_COMMON, "lease_seconds"),
-    "prune": _COMMON,
+    "prune": (*_COMMON, *_PRUNE_ONLY),
     "lock": ("lock_file",),
     "db": _COMMON,
     "demo": _COMMON,
@@ -155,9 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("recover", "recover rows of dead runs now (every run also does it first)")
     p.add_argument("--json", action="store_true")
 
-    p = add("prune", "delete finished rows older than an age, in small batches")
+    p = add(
+        "prune",
+        "delete enviado/error/cancelado rows older than an age, in small batches; incierto rows stay; "
+        "the dedupe keys of pruned rows are kept for --keep-keys-days",
+    )
     p.add_argument("--older-than-days", type=float, required=True, dest="older_than_days")
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted; write nothing")
+    p.add_argument("--json", action="store_true")
 
     p = add("lock", "the file lock")
     lock_sub = p.add_subparsers(dest="lock_command", required=True)

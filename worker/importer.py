@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from worker import db
 from worker.errors import InputError, UsageError
 from worker.masking import mask_phone
-from worker.schema import CANCELADA, PENDIENTE, cola_envios, sesiones_envio
+from worker.schema import CANCELADA, PENDIENTE, claves_podadas, cola_envios, sesiones_envio
 from worker.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -559,7 +559,13 @@ def _session_id(conn: Connection, name: str, now: dt.datetime) -> int:
 
 
 def _existing_keys(conn: Connection, keys: Sequence[str]) -> set[str]:
-    return set(conn.execute(sa.select(cola_envios.c.clave).where(cola_envios.c.clave.in_(keys))).scalars())
+    """The keys already queued: in ``cola_envios``, or in ``claves_podadas``
+    (rows that ``prune`` deleted). One statement, ``cola_envios`` first, so a
+    row pruned meanwhile is seen either as a row or as its kept key. Keys
+    compare byte for byte on every backend (``ExactString``), here as in Python."""
+    queued = sa.select(cola_envios.c.clave).where(cola_envios.c.clave.in_(keys))
+    pruned = sa.select(claves_podadas.c.clave).where(claves_podadas.c.clave.in_(keys))
+    return set(conn.execute(sa.union_all(queued, pruned)).scalars())
 
 
 def _key_conflicts_within(messages: Sequence[Message]) -> tuple[list[Message], list[InvalidRow]]:

@@ -104,6 +104,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", "choice", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("poll_interval", "float", 5.0, "--loop: seconds between polls of an empty queue", minimum=0.01),
     Option("metrics_port", "int", 9108, "--loop: port of /metrics and /healthz (0: off)", minimum=0),
+    Option(
+        "keep_keys_days",
+        "float",
+        365.0,
+        "prune: days the dedupe key of a pruned row is kept (importing it again inserts nothing); "
+        "at least --older-than-days",
+        minimum=0,
+    ),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -144,6 +152,7 @@ class Settings:
     log_level: str
     poll_interval: float
     metrics_port: int
+    keep_keys_days: float
 
     def __repr__(self) -> str:  # secrets never printed, even by accident
         parts = []

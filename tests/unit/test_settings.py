@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from worker.cli import _RUN_OPTIONS, _flags, build_parser
+from worker.cli import _PRUNE_ONLY, _RUN_OPTIONS, _flags, build_parser
 from worker.errors import ConfigError
 from worker.settings import OPTIONS, OPTIONS_BY_NAME, Option, Settings, load_settings
 
@@ -62,7 +62,8 @@ def test_flag_beats_default_and_unset_flag_leaves_environment() -> None:
 def test_every_flag_has_its_environment_variable_and_flag_wins(opt: Option) -> None:
     env_value, flag_value, expected_env, expected_flag = _two_values(opt)
     assert getattr(load_settings(environ={opt.env: env_value}), opt.name) == expected_env
-    s = from_cli(["run", opt.flag_name, flag_value], {opt.env: env_value})
+    command = ["prune", "--older-than-days", "1"] if opt.name in _PRUNE_ONLY else ["run"]
+    s = from_cli([*command, opt.flag_name, flag_value], {opt.env: env_value})
     assert getattr(s, opt.name) == expected_flag
 
 
@@ -343,4 +344,4 @@ def test_run_help_names_every_variable_and_no_secret_value(tmp_path: Path) -> No
 
 
 def test_every_flagged_option_is_offered_by_run() -> None:
-    assert set(_RUN_OPTIONS) == {o.name for o in OPTIONS if o.flag}
+    assert set(_RUN_OPTIONS) == {o.name for o in OPTIONS if o.flag} - set(_PRUNE_ONLY)
