@@ -156,11 +156,12 @@ def requeue(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     def tx(conn: Connection) -> dict[str, Any]:
         cond, sid = _selection(conn, args)
         states = (state,) if state else ((ERROR,) if not args.ids else REQUEUABLE)
-        takes = (
-            f"--state {state}"
-            if state
-            else "requeue takes " + ", ".join(REQUEUABLE) + "; incierto only with --accept-duplicate-risk"
-        )
+        if state:
+            takes = f"--state {state}"
+        elif args.ids:
+            takes = "requeue takes " + ", ".join(REQUEUABLE) + "; incierto only with --accept-duplicate-risk"
+        else:
+            takes = "without --state, requeue --session takes error rows: add --state incierto or cancelado"
         explain = _Explainer(conn, args, sid, states, takes)
         now = db.db_now(conn)
 
