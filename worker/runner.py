@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import threading
@@ -27,7 +28,7 @@ from types import FrameType
 from typing import Any, Generic, Literal, TypeVar
 
 from worker import db
-from worker.errors import ConfigError, SenderBlockedError, UsageError
+from worker.errors import ConfigError, ProviderUnreachable, SenderBlockedError, UsageError
 from worker.limits import PairGate, RateLimiter
 from worker.masking import mask_customer_id, mask_phone
 from worker.providers.base import (
@@ -67,6 +68,7 @@ class RunCounts:
     uncertain: int = 0
     expired: int = 0
     lost: int = 0
+    unreachable: int = 0
     released: int = 0
     record_errors: int = 0
 
@@ -76,7 +78,7 @@ class RunCounts:
             "enviados": self.sent,
             "errores": self.failed,
             "inciertos": self.uncertain,
-            "reintentos": self.retried + self.throttled,
+            "reintentos": self.retried + self.throttled + self.unreachable,
         }
 
 
@@ -84,6 +86,7 @@ class RunCounts:
 class RunResult:
     counts: RunCounts
     sender_blocked: SenderBlocked | None = None
+    provider_unreachable: Retryable | None = None
     stopped_by_signal: bool = False
     lost_lease: bool = False
     exit_code: int = 0
@@ -107,6 +110,10 @@ def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_inte
             text=result.text,
             http_status=result.http_status,
         )
+    if isinstance(result, Retryable) and result.unreachable is not None:
+        # No connection could be made: nothing was sent. No attempt spent and no
+        # backoff; the run stops after a few of these in a row (exit 6).
+        return Outcome(PENDIENTE, "unreachable", False, code=result.code, text=result.text)
     if isinstance(result, Retryable):
         spent = row.intentos + 1
         if spent >= row.max_intentos:
@@ -139,6 +146,41 @@ def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_inte
     return Outcome(
         INCIERTO, "ambiguous", True, code=result.code, text=result.text, http_status=result.http_status
     )
+
+
+_PHONE_LIKE = re.compile(r"\+?\d[\d ()-]{5,}\d")
+_REASON_LEN = 160
+
+
+def outcome_reason(outcome: Outcome) -> str:
+    """The provider's code and text for a log line: clipped, phone numbers masked
+    (a provider may echo the recipient in its error text)."""
+    text = " ".join((outcome.text or "").split())
+    text = _PHONE_LIKE.sub(_mask_phone_like, text)
+    if len(text) > _REASON_LEN:
+        text = text[: _REASON_LEN - 3] + "..."
+    if outcome.code and text and not text.startswith(outcome.code):
+        return f"{outcome.code} {text}"
+    return outcome.code or text
+
+
+def _mask_phone_like(match: re.Match[str]) -> str:
+    compact = re.sub(r"[ ()-]", "", match.group(0))
+    digits = len(compact.lstrip("+"))
+    if digits >= 9 or (compact.startswith("+") and digits >= 7):
+        return mask_phone(compact)
+    return match.group(0)
+
+
+def outcome_label(outcome: Outcome) -> str:
+    """What a row's log line says happened, with the reason of every retry."""
+    reason = outcome_reason(outcome) if outcome.estado != ENVIADO else ""
+    if outcome.estado == PENDIENTE and outcome.resultado == "unreachable":
+        return f"pendiente (unreachable: {reason}; no attempt spent)"
+    if outcome.estado == PENDIENTE and outcome.resultado in ("throttled", "retryable"):
+        detail = f"{outcome.resultado}: {reason}" if reason else outcome.resultado
+        return f"pendiente ({detail}, next in {outcome.delay or 0:.0f}s)"
+    return f"{outcome.estado} ({reason})" if reason else outcome.estado
 
 
 def customer_label(row: ClaimedRow) -> str:
@@ -262,6 +304,8 @@ class Runner:
         self.run_id = 0
         self._done_n = 0
         self._blocked: SenderBlocked | None = None
+        self._connect_failures = 0  # in a row, with no other answer in between
+        self._unreachable: Retryable | None = None
         self._lost_lease = False
         self._offset = dt.timedelta(0)
         self._count_lock = threading.Lock()
@@ -307,9 +351,12 @@ class Runner:
             code = SenderBlockedError.exit_code
         elif self.counts.record_errors or self._lost_lease or self._provider_raised:
             code = 1
+        elif self._unreachable is not None:
+            code = ProviderUnreachable.exit_code
         result = RunResult(
             counts=self.counts,
             sender_blocked=self._blocked,
+            provider_unreachable=self._unreachable,
             stopped_by_signal=self._signalled,
             lost_lease=self._lost_lease,
             exit_code=code,
@@ -317,7 +364,7 @@ class Runner:
         c = self.counts
         logger.info(
             "run %s ended: claimed %d, sent %d, retry later %d, throttled %d, error %d, incierto %d, "
-            "expired %d, released %d, lost %d%s",
+            "unreachable %d, expired %d, released %d, lost %d%s",
             self.run_id,
             c.claimed,
             c.sent,
@@ -325,6 +372,7 @@ class Runner:
             c.throttled,
             c.failed,
             c.uncertain,
+            c.unreachable,
             c.expired,
             c.released,
             c.lost,
@@ -402,7 +450,12 @@ class Runner:
         try:
             while True:
                 now = self.clock()
-                stopping = self.stop_event.is_set() or self._blocked is not None or now >= deadline
+                stopping = (
+                    self.stop_event.is_set()
+                    or self._blocked is not None
+                    or self._unreachable is not None
+                    or now >= deadline
+                )
                 if stopping:
                     self._release(pending)
                     pending.clear()
@@ -634,6 +687,7 @@ class Runner:
             else:
                 extra_wait = max(self.settings.pair_interval, result.retry_after or 0.0) * 2
         self.pairs.finish(row.telefono, now, extra_wait)
+        self._note_reachability(result)
         if sent.error is not None:
             self.counts.record_errors += 1
             return
@@ -664,12 +718,29 @@ class Runner:
             self.counts.uncertain += 1
         elif sent.outcome.resultado == "retryable":
             self.counts.retried += 1
-        label = estado
-        if sent.outcome.resultado in ("throttled", "retryable") and estado == PENDIENTE:
-            label = f"pendiente ({sent.outcome.resultado}, next in {sent.outcome.delay or 0:.0f}s)"
-        elif sent.outcome.code:
-            label = f"{estado} ({sent.outcome.code})"
-        self._log_row(row, label, sent.latency_ms)
+        elif sent.outcome.resultado == "unreachable":
+            self.counts.unreachable += 1
+        self._log_row(row, outcome_label(sent.outcome), sent.latency_ms)
+
+    def _note_reachability(self, result: SendResult | None) -> None:
+        """Connection failures in a row (nothing sent) stop the run; any answer
+        from the provider resets the count."""
+        if result is None:
+            return
+        if not (isinstance(result, Retryable) and result.unreachable is not None):
+            self._connect_failures = 0
+            return
+        self._connect_failures += 1
+        if self._unreachable is None and self._connect_failures >= self.settings.max_connect_failures:
+            self._unreachable = result
+            logger.error(
+                "provider unreachable: %d connection(s) in a row to %s failed before anything was sent "
+                "(%s): stopping; claimed rows go back to pendiente untouched, no attempt spent",
+                self._connect_failures,
+                result.unreachable,
+                result.text,
+                extra={"action": "provider_unreachable", "host": result.unreachable},
+            )
 
     def _log_row(self, row: ClaimedRow, label: str, latency_ms: int | None) -> None:
         with self._count_lock:
@@ -776,6 +847,13 @@ def command_run(args: argparse.Namespace, settings: Settings) -> int:
             raise SenderBlockedError(
                 f"provider refused the credentials or blocked the sender: "
                 f"{result.sender_blocked.code or ''} {result.sender_blocked.text}".strip()
+            )
+        if result.provider_unreachable is not None and result.exit_code == ProviderUnreachable.exit_code:
+            down = result.provider_unreachable
+            raise ProviderUnreachable(
+                f"provider unreachable: {settings.max_connect_failures} connection(s) in a row to "
+                f"{down.unreachable} failed before anything was sent ({down.text}); "
+                f"rows returned to pendiente untouched, no attempt spent"
             )
         return result.exit_code
     except Exception as exc:
