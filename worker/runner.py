@@ -21,8 +21,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Generic, Literal, TypeVar
@@ -209,6 +210,52 @@ def build_request(row: ClaimedRow) -> SendRequest:
     )
 
 
+# A write path silent for less than this is not stalled, whatever the lease
+# (a short lease in a test must not turn a slow commit into a lost run).
+STALL_FLOOR = 2.0
+
+
+class WriteWatch:
+    """The run's database writes that threads are waiting for (claim, fence,
+    record) and how long they have gone without one succeeding. The heartbeat
+    renews the lease only while they make progress: a run stuck behind a lock
+    must not keep its rows for ever (a failed write that is tried again does
+    not count as progress)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._since = clock()  # the last success, or the start of the oldest wait
+        self._failing = False  # the last write that ended failed
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        with self._lock:
+            if self._waiting == 0 and not self._failing:
+                self._since = self._clock()
+            self._waiting += 1
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                self._failing = not ok
+                if ok:
+                    self._since = self._clock()
+
+    def stalled_for(self) -> float:
+        """Seconds without a successful write while at least one is awaited (else 0)."""
+        with self._lock:
+            return self._clock() - self._since if self._waiting else 0.0
+
+    def waiting_count(self) -> int:
+        with self._lock:
+            return self._waiting
+
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -221,17 +268,25 @@ class GroupCommit(Generic[In, Out]):
     costs a log flush on the server); at concurrency 1 it changes nothing.
     An item's write is durable before its thread goes on."""
 
-    def __init__(self, name: str, write: Callable[[list[In]], list[Out]], max_group: int = 128) -> None:
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[list[In]], list[Out]],
+        max_group: int = 128,
+        watch: WriteWatch | None = None,
+    ) -> None:
         self.write = write
         self.max_group = max_group
+        self.watch = watch or WriteWatch()
         self._queue: queue.SimpleQueue[tuple[In, Future[Out]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def __call__(self, item: In) -> Out:
         fut: Future[Out] = Future()
-        self._queue.put((item, fut))
-        return fut.result()
+        with self.watch.waiting():
+            self._queue.put((item, fut))
+            return fut.result()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -310,6 +365,8 @@ class Runner:
         self._offset = dt.timedelta(0)
         self._count_lock = threading.Lock()
         self._hb_stop = threading.Event()
+        self.writes = WriteWatch()
+        self.heartbeat_withheld = False
         self._signalled = False
         self._provider_raised: str | None = None
 
@@ -413,6 +470,8 @@ class Runner:
         beats = 0
         while not self._hb_stop.wait(interval):
             beats += 1
+            if not self._progressing():
+                continue  # no renewal: after the lease a recovery may take this run's rows
             try:
                 alive = self.repo.heartbeat(self.run_id)
                 if alive and beats % 2 == 0:
@@ -430,6 +489,34 @@ class Runner:
                 self.stop_event.set()
                 return
 
+    def _progressing(self) -> bool:
+        """The heartbeat reflects progress, not only a live process: when no
+        database write of this run has succeeded for half a lease (at least
+        ``STALL_FLOOR``) while some are awaited (a row lock held by another
+        session, a database that hangs), the lease is no longer renewed. It is
+        renewed again as soon as a write succeeds."""
+        stalled = self.writes.stalled_for()
+        if stalled >= max(self.settings.lease_seconds / 2, STALL_FLOOR):
+            if not self.heartbeat_withheld:
+                self.heartbeat_withheld = True
+                logger.error(
+                    "no database write of this run has succeeded for %.0fs while %d wait "
+                    "(a row lock held by another session? a database that hangs?): heartbeat "
+                    "withheld, so after the lease (%gs) a recovery may take this run's rows",
+                    stalled,
+                    self.writes.waiting_count(),
+                    self.settings.lease_seconds,
+                    extra={"action": "heartbeat_withheld", "run": self.run_id},
+                )
+            return False
+        if self.heartbeat_withheld:
+            self.heartbeat_withheld = False
+            logger.warning(
+                "database writes succeed again: heartbeat resumed",
+                extra={"action": "heartbeat_resumed", "run": self.run_id},
+            )
+        return True
+
     # --- dispatcher ---------------------------------------------------------
 
     def _dispatch(self) -> None:
@@ -443,9 +530,13 @@ class Runner:
         last_poll = -1e9
         self._unsent: list[tuple[ClaimedRow, str]] = []  # fence failed: still procesando, ours
         pool = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="send")
-        self._fencer: GroupCommit[tuple[int, str], FenceResult] = GroupCommit("fence", self._fence_group)
+        self._fencer: GroupCommit[tuple[int, str], FenceResult] = GroupCommit(
+            "fence", self._fence_group, watch=self.writes
+        )
         self._recorder: GroupCommit[Attempt, bool] = GroupCommit(
-            "record", lambda attempts: self.repo.record(self.run_id, self.provider_name, attempts)
+            "record",
+            lambda attempts: self.repo.record(self.run_id, self.provider_name, attempts),
+            watch=self.writes,
         )
         try:
             while True:
@@ -533,7 +624,8 @@ class Runner:
 
     def _claim(self, n: int) -> list[tuple[ClaimedRow, str]]:
         token = uuid.uuid4().hex
-        rows = self.repo.claim(self.run_id, token, n, self.session_id)
+        with self.writes.waiting():
+            rows = self.repo.claim(self.run_id, token, n, self.session_id)
         self.counts.claimed += len(rows)
         if rows:
             logger.debug("claimed %d row(s)", len(rows), extra={"action": "claim", "rows": len(rows)})
