@@ -21,7 +21,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from worker.errors import AccessDenied, ConfigError, DatabaseUnreachable, SchemaError
+from worker.errors import AccessDenied, ColaError, ConfigError, DatabaseUnreachable, SchemaError
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -300,6 +300,12 @@ def translate_error(exc: BaseException) -> BaseException:
         return exc
     errno = _mysql_errno(exc)
     text = str(getattr(exc, "orig", exc)).lower()
+    if is_timeout(exc):
+        return ColaError(
+            f"a database statement gave up after its time limit ({_safe(exc)}): another session may "
+            "hold a lock on these rows (an open transaction?); try again, or raise "
+            "COLA_DB_LOCK_TIMEOUT / COLA_DB_STATEMENT_TIMEOUT"
+        )
     if errno in _MYSQL_NO_PRIVILEGE or _pg_sqlstate(exc) == "42501":
         return AccessDenied(
             f"the database user lacks a privilege for this command: {_safe(exc)} "

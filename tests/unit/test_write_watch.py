@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from worker import db
+from worker.errors import ColaError
 from worker.runner import GroupCommit, WriteWatch
 
 
@@ -152,3 +153,10 @@ def test_a_timeout_is_tried_again_once_a_deadlock_up_to_the_bound(errno: int, tr
     with pytest.raises(sa_exc.OperationalError):
         db.transaction(_Engine(), fn)  # type: ignore[arg-type]
     assert calls == tries
+
+
+@pytest.mark.parametrize("error", [_wrapped(1205), _wrapped(1969), _wrapped(sqlstate="57014")])
+def test_a_timeout_that_reaches_the_user_says_what_to_do(error: sa_exc.OperationalError) -> None:
+    translated = db.translate_error(error)
+    assert isinstance(translated, ColaError) and translated.exit_code == 1
+    assert "COLA_DB_LOCK_TIMEOUT" in str(translated) and "driver error" in str(translated)
