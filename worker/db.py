@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import re
 from collections.abc import Callable
 from importlib import resources
@@ -14,13 +15,13 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine
 from tenacity import (
+    RetryCallState,
     retry,
     retry_if_exception,
-    stop_after_attempt,
     wait_random_exponential,
 )
 
-from worker.errors import AccessDenied, ConfigError, DatabaseUnreachable, SchemaError
+from worker.errors import AccessDenied, ColaError, ConfigError, DatabaseUnreachable, SchemaError
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ _DRIVERS = {
     "postgres": "postgresql+psycopg",
 }
 
-# MySQL/MariaDB: deadlock, lock wait timeout, MariaDB's "record has changed".
-_MYSQL_TRANSIENT = {1213, 1205, 1020}
+# MySQL/MariaDB: deadlock, lock wait timeout, MariaDB's "record has changed",
+# statement time limit (MariaDB max_statement_time, MySQL max_execution_time).
+_MYSQL_TRANSIENT = {1213, 1205, 1020, 1969, 3024}
+_MYSQL_TIMEOUT = {1205, 1969, 3024}
 _MYSQL_UNREACHABLE = {2002, 2003, 2005, 2006, 2013, 2055}
 _MYSQL_DENIED = {1045, 1698}
 _MYSQL_DB_ACCESS_DENIED = 1044
@@ -43,8 +46,12 @@ _MYSQL_UNKNOWN_DATABASE = 1049
 # PostgreSQL's connection errors carry no SQLSTATE in psycopg: read the text.
 _PG_NO_DATABASE = re.compile(r'database "[^"]*" does not exist')
 _PG_NO_ROLE = re.compile(r'role "[^"]*" does not exist')
-# PostgreSQL: deadlock_detected, serialization_failure, lock_not_available.
-_PG_TRANSIENT = {"40P01", "40001", "55P03"}
+# PostgreSQL: deadlock_detected, serialization_failure, lock_not_available
+# (lock_timeout), query_canceled (statement_timeout).
+_PG_TRANSIENT = {"40P01", "40001", "55P03", "57014"}
+_PG_TIMEOUT = {"55P03", "57014"}
+# A timeout has already waited its whole limit: one more try, not eight.
+TIMEOUT_TRIES = 2
 
 
 def parse_url(raw: str) -> URL:
@@ -106,10 +113,24 @@ def _missing_driver(url: URL, exc: ImportError) -> str:
 
 
 def create_engine_from_settings(settings: Settings, *, pool_size: int = 5) -> Engine:
-    return create_engine(settings.require_database_url(), pool_size=pool_size)
+    return create_engine(
+        settings.require_database_url(),
+        pool_size=pool_size,
+        lock_timeout=settings.db_lock_timeout,
+        statement_timeout=settings.db_statement_timeout,
+    )
 
 
-def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
+def create_engine(
+    raw_url: str,
+    *,
+    pool_size: int = 5,
+    lock_timeout: float | None = None,
+    statement_timeout: float | None = None,
+) -> Engine:
+    """An engine for ``raw_url``. ``lock_timeout`` and ``statement_timeout``
+    (seconds; None or 0 = the server's default) are set on every session it
+    opens (MariaDB/MySQL and PostgreSQL; SQLite has its busy timeout)."""
     url = parse_url(raw_url)
     backend = url.get_backend_name()
     # hide_parameters: driver errors would otherwise carry phone numbers into logs (G7).
@@ -159,7 +180,56 @@ def create_engine(raw_url: str, *, pool_size: int = 5) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+    elif lock_timeout or statement_timeout:
+        _set_session_limits(engine, backend, lock_timeout or 0.0, statement_timeout or 0.0)
+
     return engine
+
+
+def _set_session_limits(engine: Engine, backend: str, lock_timeout: float, statement_timeout: float) -> None:
+    """Per-session limits, so that one statement stuck behind another
+    session's row lock (an operator's open transaction) or running away gives
+    up with an error instead of holding the run (and its rows) for ever.
+    A lock wait timeout is transient (:func:`is_transient`)."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _session_limits(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            for statement in session_limit_statements(
+                backend, _server_info(dbapi_conn), lock_timeout, statement_timeout
+            ):
+                cur.execute(statement)
+        finally:
+            cur.close()
+        if backend == "postgresql":
+            dbapi_conn.commit()  # psycopg opened a transaction for the SETs
+
+
+def _server_info(dbapi_conn: Any) -> str:
+    get = getattr(dbapi_conn, "get_server_info", None)  # PyMySQL: "10.11.6-MariaDB-..."
+    return str(get()) if callable(get) else ""
+
+
+def session_limit_statements(
+    backend: str, server_info: str, lock_timeout: float, statement_timeout: float
+) -> list[str]:
+    """The SET statements for a new session (0 = leave the server's default)."""
+    out: list[str] = []
+    if backend == "postgresql":
+        if lock_timeout > 0:
+            out.append(f"SET lock_timeout = {max(1, round(lock_timeout * 1000))}")
+        if statement_timeout > 0:
+            out.append(f"SET statement_timeout = {max(1, round(statement_timeout * 1000))}")
+    elif backend in ("mysql", "mariadb"):
+        if lock_timeout > 0:  # whole seconds, at least 1
+            out.append(f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(lock_timeout))}")
+        if statement_timeout > 0:
+            if "mariadb" in server_info.lower():  # seconds; every statement
+                out.append(f"SET SESSION max_statement_time = {statement_timeout:.3f}")
+            else:  # MySQL: milliseconds; read-only SELECTs only
+                out.append(f"SET SESSION max_execution_time = {max(1, round(statement_timeout * 1000))}")
+    return out
 
 
 # Command, table or column denied to this user (the login itself worked).
@@ -190,12 +260,30 @@ def is_transient(exc: BaseException) -> bool:
     return "database is locked" in str(getattr(exc, "orig", ""))
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """A lock wait or statement time limit ran out (``COLA_DB_LOCK_TIMEOUT``,
+    ``COLA_DB_STATEMENT_TIMEOUT``)."""
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    return _mysql_errno(exc) in _MYSQL_TIMEOUT or _pg_sqlstate(exc) in _PG_TIMEOUT
+
+
 def transaction(engine: Engine, fn: Callable[[Connection], T], *, attempts: int = 8) -> T:
-    """Run ``fn`` in one transaction; re-run it whole on deadlock/lock timeout (bounded)."""
+    """Run ``fn`` in one transaction; re-run it whole on deadlock or timeout
+    (bounded: ``attempts`` tries, of which at most ``TIMEOUT_TRIES`` may end
+    in a lock wait or statement timeout, each of which already waited its limit)."""
+    timeouts = 0
+
+    def stop(state: RetryCallState) -> bool:
+        nonlocal timeouts
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if exc is not None and is_timeout(exc):
+            timeouts += 1
+        return state.attempt_number >= attempts or timeouts >= TIMEOUT_TRIES
 
     @retry(
         retry=retry_if_exception(is_transient),
-        stop=stop_after_attempt(attempts),
+        stop=stop,
         wait=wait_random_exponential(multiplier=0.02, max=1.0),
         reraise=True,
     )
@@ -212,6 +300,12 @@ def translate_error(exc: BaseException) -> BaseException:
         return exc
     errno = _mysql_errno(exc)
     text = str(getattr(exc, "orig", exc)).lower()
+    if is_timeout(exc):
+        return ColaError(
+            f"a database statement gave up after its time limit ({_safe(exc)}): another session may "
+            "hold a lock on these rows (an open transaction?); try again, or raise "
+            "COLA_DB_LOCK_TIMEOUT / COLA_DB_STATEMENT_TIMEOUT"
+        )
     if errno in _MYSQL_NO_PRIVILEGE or _pg_sqlstate(exc) == "42501":
         return AccessDenied(
             f"the database user lacks a privilege for this command: {_safe(exc)} "
@@ -306,10 +400,23 @@ def check_schema(engine: Engine) -> None:
         )
 
 
+def _no_statement_limit(conn: Connection) -> None:
+    """A migration may rewrite a large table: no statement time limit for it
+    (``COLA_DB_STATEMENT_TIMEOUT`` guards the queue, not the schema)."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+    elif name in ("mysql", "mariadb"):
+        mariadb = getattr(conn.dialect, "is_mariadb", False)
+        variable = "max_statement_time" if mariadb else "max_execution_time"
+        conn.execute(sa.text(f"SET SESSION {variable} = 0"))
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     with engine.begin() as conn:
+        _no_statement_limit(conn)
         command.upgrade(alembic_config(conn), revision)
 
 
@@ -317,4 +424,5 @@ def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
     with engine.begin() as conn:
+        _no_statement_limit(conn)
         command.downgrade(alembic_config(conn), revision)

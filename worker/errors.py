@@ -11,6 +11,7 @@ ColaError
  +-- DatabaseUnreachable (3)
  +-- SenderBlockedError (4)  the provider refused the credentials or blocked the sender
  +-- AuditFailed (5)
+ +-- ProviderUnreachable (6) connections to the provider failed before anything was sent
 """
 
 from __future__ import annotations
@@ -63,3 +64,10 @@ class AuditFailed(ColaError):
     """The audit found problems."""
 
     exit_code = 5
+
+
+class ProviderUnreachable(ColaError):
+    """The provider could not be reached: connections failed before anything
+    was sent; the run's rows went back to pendiente untouched."""
+
+    exit_code = 6

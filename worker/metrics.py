@@ -57,8 +57,9 @@ class MetricsServer:
                     ctype = "text/plain; version=0.0.4; charset=utf-8"
                     status = 200
                 elif self.path.startswith("/healthz"):
-                    healthy = not runner.stop_event.is_set()
-                    body = b"ok\n" if healthy else b"stopping\n"
+                    stuck = runner.heartbeat_withheld  # no database write succeeds
+                    healthy = not runner.stop_event.is_set() and not stuck
+                    body = b"ok\n" if healthy else b"stuck\n" if stuck else b"stopping\n"
                     ctype = "text/plain"
                     status = 200 if healthy else 503
                 else:

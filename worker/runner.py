@@ -14,20 +14,22 @@ import datetime as dt
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Generic, Literal, TypeVar
 
 from worker import db
-from worker.errors import ConfigError, SenderBlockedError, UsageError
+from worker.errors import ConfigError, ProviderUnreachable, SenderBlockedError, UsageError
 from worker.limits import PairGate, RateLimiter
 from worker.masking import mask_customer_id, mask_phone
 from worker.providers.base import (
@@ -67,6 +69,7 @@ class RunCounts:
     uncertain: int = 0
     expired: int = 0
     lost: int = 0
+    unreachable: int = 0
     released: int = 0
     record_errors: int = 0
 
@@ -76,7 +79,7 @@ class RunCounts:
             "enviados": self.sent,
             "errores": self.failed,
             "inciertos": self.uncertain,
-            "reintentos": self.retried + self.throttled,
+            "reintentos": self.retried + self.throttled + self.unreachable,
         }
 
 
@@ -84,6 +87,7 @@ class RunCounts:
 class RunResult:
     counts: RunCounts
     sender_blocked: SenderBlocked | None = None
+    provider_unreachable: Retryable | None = None
     stopped_by_signal: bool = False
     lost_lease: bool = False
     exit_code: int = 0
@@ -107,6 +111,10 @@ def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_inte
             text=result.text,
             http_status=result.http_status,
         )
+    if isinstance(result, Retryable) and result.unreachable is not None:
+        # No connection could be made: nothing was sent. No attempt spent and no
+        # backoff; the run stops after a few of these in a row (exit 6).
+        return Outcome(PENDIENTE, "unreachable", False, code=result.code, text=result.text)
     if isinstance(result, Retryable):
         spent = row.intentos + 1
         if spent >= row.max_intentos:
@@ -141,6 +149,41 @@ def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_inte
     )
 
 
+_PHONE_LIKE = re.compile(r"\+?\d[\d ()-]{5,}\d")
+_REASON_LEN = 160
+
+
+def outcome_reason(outcome: Outcome) -> str:
+    """The provider's code and text for a log line: clipped, phone numbers masked
+    (a provider may echo the recipient in its error text)."""
+    text = " ".join((outcome.text or "").split())
+    text = _PHONE_LIKE.sub(_mask_phone_like, text)
+    if len(text) > _REASON_LEN:
+        text = text[: _REASON_LEN - 3] + "..."
+    if outcome.code and text and not text.startswith(outcome.code):
+        return f"{outcome.code} {text}"
+    return outcome.code or text
+
+
+def _mask_phone_like(match: re.Match[str]) -> str:
+    compact = re.sub(r"[ ()-]", "", match.group(0))
+    digits = len(compact.lstrip("+"))
+    if digits >= 9 or (compact.startswith("+") and digits >= 7):
+        return mask_phone(compact)
+    return match.group(0)
+
+
+def outcome_label(outcome: Outcome) -> str:
+    """What a row's log line says happened, with the reason of every retry."""
+    reason = outcome_reason(outcome) if outcome.estado != ENVIADO else ""
+    if outcome.estado == PENDIENTE and outcome.resultado == "unreachable":
+        return f"pendiente (unreachable: {reason}; no attempt spent)"
+    if outcome.estado == PENDIENTE and outcome.resultado in ("throttled", "retryable"):
+        detail = f"{outcome.resultado}: {reason}" if reason else outcome.resultado
+        return f"pendiente ({detail}, next in {outcome.delay or 0:.0f}s)"
+    return f"{outcome.estado} ({reason})" if reason else outcome.estado
+
+
 def customer_label(row: ClaimedRow) -> str:
     """The name for logs: the display name, else the customer id, masked when
     it is a phone number (the id defaults to the phone)."""
@@ -167,6 +210,52 @@ def build_request(row: ClaimedRow) -> SendRequest:
     )
 
 
+# A write path silent for less than this is not stalled, whatever the lease
+# (a short lease in a test must not turn a slow commit into a lost run).
+STALL_FLOOR = 2.0
+
+
+class WriteWatch:
+    """The run's database writes that threads are waiting for (claim, fence,
+    record) and how long they have gone without one succeeding. The heartbeat
+    renews the lease only while they make progress: a run stuck behind a lock
+    must not keep its rows for ever (a failed write that is tried again does
+    not count as progress)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._since = clock()  # the last success, or the start of the oldest wait
+        self._failing = False  # the last write that ended failed
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        with self._lock:
+            if self._waiting == 0 and not self._failing:
+                self._since = self._clock()
+            self._waiting += 1
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                self._failing = not ok
+                if ok:
+                    self._since = self._clock()
+
+    def stalled_for(self) -> float:
+        """Seconds without a successful write while at least one is awaited (else 0)."""
+        with self._lock:
+            return self._clock() - self._since if self._waiting else 0.0
+
+    def waiting_count(self) -> int:
+        with self._lock:
+            return self._waiting
+
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -179,17 +268,25 @@ class GroupCommit(Generic[In, Out]):
     costs a log flush on the server); at concurrency 1 it changes nothing.
     An item's write is durable before its thread goes on."""
 
-    def __init__(self, name: str, write: Callable[[list[In]], list[Out]], max_group: int = 128) -> None:
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[list[In]], list[Out]],
+        max_group: int = 128,
+        watch: WriteWatch | None = None,
+    ) -> None:
         self.write = write
         self.max_group = max_group
+        self.watch = watch or WriteWatch()
         self._queue: queue.SimpleQueue[tuple[In, Future[Out]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def __call__(self, item: In) -> Out:
         fut: Future[Out] = Future()
-        self._queue.put((item, fut))
-        return fut.result()
+        with self.watch.waiting():
+            self._queue.put((item, fut))
+            return fut.result()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -262,10 +359,14 @@ class Runner:
         self.run_id = 0
         self._done_n = 0
         self._blocked: SenderBlocked | None = None
+        self._connect_failures = 0  # in a row, with no other answer in between
+        self._unreachable: Retryable | None = None
         self._lost_lease = False
         self._offset = dt.timedelta(0)
         self._count_lock = threading.Lock()
         self._hb_stop = threading.Event()
+        self.writes = WriteWatch()
+        self.heartbeat_withheld = False
         self._signalled = False
         self._provider_raised: str | None = None
 
@@ -307,9 +408,12 @@ class Runner:
             code = SenderBlockedError.exit_code
         elif self.counts.record_errors or self._lost_lease or self._provider_raised:
             code = 1
+        elif self._unreachable is not None:
+            code = ProviderUnreachable.exit_code
         result = RunResult(
             counts=self.counts,
             sender_blocked=self._blocked,
+            provider_unreachable=self._unreachable,
             stopped_by_signal=self._signalled,
             lost_lease=self._lost_lease,
             exit_code=code,
@@ -317,7 +421,7 @@ class Runner:
         c = self.counts
         logger.info(
             "run %s ended: claimed %d, sent %d, retry later %d, throttled %d, error %d, incierto %d, "
-            "expired %d, released %d, lost %d%s",
+            "unreachable %d, expired %d, released %d, lost %d%s",
             self.run_id,
             c.claimed,
             c.sent,
@@ -325,6 +429,7 @@ class Runner:
             c.throttled,
             c.failed,
             c.uncertain,
+            c.unreachable,
             c.expired,
             c.released,
             c.lost,
@@ -365,6 +470,8 @@ class Runner:
         beats = 0
         while not self._hb_stop.wait(interval):
             beats += 1
+            if not self._progressing():
+                continue  # no renewal: after the lease a recovery may take this run's rows
             try:
                 alive = self.repo.heartbeat(self.run_id)
                 if alive and beats % 2 == 0:
@@ -382,6 +489,34 @@ class Runner:
                 self.stop_event.set()
                 return
 
+    def _progressing(self) -> bool:
+        """The heartbeat reflects progress, not only a live process: when no
+        database write of this run has succeeded for half a lease (at least
+        ``STALL_FLOOR``) while some are awaited (a row lock held by another
+        session, a database that hangs), the lease is no longer renewed. It is
+        renewed again as soon as a write succeeds."""
+        stalled = self.writes.stalled_for()
+        if stalled >= max(self.settings.lease_seconds / 2, STALL_FLOOR):
+            if not self.heartbeat_withheld:
+                self.heartbeat_withheld = True
+                logger.error(
+                    "no database write of this run has succeeded for %.0fs while %d wait "
+                    "(a row lock held by another session? a database that hangs?): heartbeat "
+                    "withheld, so after the lease (%gs) a recovery may take this run's rows",
+                    stalled,
+                    self.writes.waiting_count(),
+                    self.settings.lease_seconds,
+                    extra={"action": "heartbeat_withheld", "run": self.run_id},
+                )
+            return False
+        if self.heartbeat_withheld:
+            self.heartbeat_withheld = False
+            logger.warning(
+                "database writes succeed again: heartbeat resumed",
+                extra={"action": "heartbeat_resumed", "run": self.run_id},
+            )
+        return True
+
     # --- dispatcher ---------------------------------------------------------
 
     def _dispatch(self) -> None:
@@ -395,14 +530,23 @@ class Runner:
         last_poll = -1e9
         self._unsent: list[tuple[ClaimedRow, str]] = []  # fence failed: still procesando, ours
         pool = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="send")
-        self._fencer: GroupCommit[tuple[int, str], FenceResult] = GroupCommit("fence", self._fence_group)
+        self._fencer: GroupCommit[tuple[int, str], FenceResult] = GroupCommit(
+            "fence", self._fence_group, watch=self.writes
+        )
         self._recorder: GroupCommit[Attempt, bool] = GroupCommit(
-            "record", lambda attempts: self.repo.record(self.run_id, self.provider_name, attempts)
+            "record",
+            lambda attempts: self.repo.record(self.run_id, self.provider_name, attempts),
+            watch=self.writes,
         )
         try:
             while True:
                 now = self.clock()
-                stopping = self.stop_event.is_set() or self._blocked is not None or now >= deadline
+                stopping = (
+                    self.stop_event.is_set()
+                    or self._blocked is not None
+                    or self._unreachable is not None
+                    or now >= deadline
+                )
                 if stopping:
                     self._release(pending)
                     pending.clear()
@@ -480,7 +624,8 @@ class Runner:
 
     def _claim(self, n: int) -> list[tuple[ClaimedRow, str]]:
         token = uuid.uuid4().hex
-        rows = self.repo.claim(self.run_id, token, n, self.session_id)
+        with self.writes.waiting():
+            rows = self.repo.claim(self.run_id, token, n, self.session_id)
         self.counts.claimed += len(rows)
         if rows:
             logger.debug("claimed %d row(s)", len(rows), extra={"action": "claim", "rows": len(rows)})
@@ -634,6 +779,7 @@ class Runner:
             else:
                 extra_wait = max(self.settings.pair_interval, result.retry_after or 0.0) * 2
         self.pairs.finish(row.telefono, now, extra_wait)
+        self._note_reachability(result)
         if sent.error is not None:
             self.counts.record_errors += 1
             return
@@ -664,12 +810,29 @@ class Runner:
             self.counts.uncertain += 1
         elif sent.outcome.resultado == "retryable":
             self.counts.retried += 1
-        label = estado
-        if sent.outcome.resultado in ("throttled", "retryable") and estado == PENDIENTE:
-            label = f"pendiente ({sent.outcome.resultado}, next in {sent.outcome.delay or 0:.0f}s)"
-        elif sent.outcome.code:
-            label = f"{estado} ({sent.outcome.code})"
-        self._log_row(row, label, sent.latency_ms)
+        elif sent.outcome.resultado == "unreachable":
+            self.counts.unreachable += 1
+        self._log_row(row, outcome_label(sent.outcome), sent.latency_ms)
+
+    def _note_reachability(self, result: SendResult | None) -> None:
+        """Connection failures in a row (nothing sent) stop the run; any answer
+        from the provider resets the count."""
+        if result is None:
+            return
+        if not (isinstance(result, Retryable) and result.unreachable is not None):
+            self._connect_failures = 0
+            return
+        self._connect_failures += 1
+        if self._unreachable is None and self._connect_failures >= self.settings.max_connect_failures:
+            self._unreachable = result
+            logger.error(
+                "provider unreachable: %d connection(s) in a row to %s failed before anything was sent "
+                "(%s): stopping; claimed rows go back to pendiente untouched, no attempt spent",
+                self._connect_failures,
+                result.unreachable,
+                result.text,
+                extra={"action": "provider_unreachable", "host": result.unreachable},
+            )
 
     def _log_row(self, row: ClaimedRow, label: str, latency_ms: int | None) -> None:
         with self._count_lock:
@@ -776,6 +939,13 @@ def command_run(args: argparse.Namespace, settings: Settings) -> int:
             raise SenderBlockedError(
                 f"provider refused the credentials or blocked the sender: "
                 f"{result.sender_blocked.code or ''} {result.sender_blocked.text}".strip()
+            )
+        if result.provider_unreachable is not None and result.exit_code == ProviderUnreachable.exit_code:
+            down = result.provider_unreachable
+            raise ProviderUnreachable(
+                f"provider unreachable: {settings.max_connect_failures} connection(s) in a row to "
+                f"{down.unreachable} failed before anything was sent ({down.text}); "
+                f"rows returned to pendiente untouched, no attempt spent"
             )
         return result.exit_code
     except Exception as exc:

@@ -99,6 +99,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("lease_seconds", "float", 300.0, "how long a silent run keeps its rows, seconds", minimum=1),
     Option("connect_timeout", "float", 5.0, "provider connect timeout, seconds", minimum=0.001),
     Option("read_timeout", "float", 30.0, "provider read timeout, seconds", minimum=0.001),
+    Option(
+        "max_connect_failures",
+        "int",
+        5,
+        "consecutive provider connection failures (nothing sent) that stop the run (exit 6)",
+        minimum=1,
+    ),
+    Option(
+        "db_lock_timeout",
+        "float",
+        5.0,
+        "database row-lock wait limit per statement, seconds (0: the server's default)",
+        minimum=0,
+    ),
+    Option(
+        "db_statement_timeout",
+        "float",
+        30.0,
+        "database statement time limit, seconds (0: none; db upgrade has none)",
+        minimum=0,
+    ),
     Option("default_region", "str", None, "region for numbers written without +country code (e.g. PE)"),
     Option("log_format", "choice", "text", "log format", choices=("text", "json")),
     Option("log_level", "choice", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -146,7 +167,10 @@ class Settings:
     backoff_max: float
     lease_seconds: float
     connect_timeout: float
+    max_connect_failures: int
     read_timeout: float
+    db_lock_timeout: float
+    db_statement_timeout: float
     default_region: str | None
     log_format: str
     log_level: str

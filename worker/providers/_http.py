@@ -7,7 +7,9 @@ Transport errors are classified by *when* they can happen (docs/design.md sectio
 
 - ``ConnectError``, ``ConnectTimeout``, ``PoolTimeout``, ``UnsupportedProtocol``:
   raised before any byte of the request left, so the message was definitely
-  not accepted -> :class:`Retryable`.
+  not accepted -> :class:`Retryable`. ``ConnectError`` and ``ConnectTimeout``
+  also name the host in ``Retryable.unreachable``: the run spends no attempt
+  on them and stops after a few in a row (exit 6).
 - everything else (``ReadTimeout``, ``WriteTimeout``, ``ReadError``,
   ``WriteError``, ``RemoteProtocolError``, any unexpected exception while the
   request was in flight): the provider may have accepted it -> :class:`Ambiguous`.
@@ -51,6 +53,8 @@ NOT_SENT_ERRORS: tuple[type[Exception], ...] = (
     httpx.PoolTimeout,
     httpx.UnsupportedProtocol,
 )
+# No connection could be made at all: the provider (or the way to it) is down.
+UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def clean_text(text: object, secrets: Iterable[str] = ()) -> str:
@@ -99,9 +103,20 @@ def json_body(response: httpx.Response) -> Any:
 def transport_error_result(exc: BaseException, secrets: Iterable[str] = ()) -> Retryable | Ambiguous:
     """Classify an exception raised while sending (see the module docstring)."""
     detail = clean_text(f"{type(exc).__name__}: {exc}", secrets)
+    if isinstance(exc, UNREACHABLE_ERRORS):
+        return Retryable(code=None, text=detail, unreachable=_request_host(exc))
     if isinstance(exc, NOT_SENT_ERRORS):
         return Retryable(code=None, text=detail)
     return Ambiguous(text=detail)
+
+
+def _request_host(exc: BaseException) -> str:
+    """``host:port`` of the request that failed (never its path or query)."""
+    try:
+        url = exc.request.url  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError when unset
+        return "the provider"
+    return f"{url.host}:{url.port}" if url.port else str(url.host)
 
 
 def require_http_url(variable: str, url: str | None) -> str:

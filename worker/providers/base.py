@@ -6,7 +6,8 @@ classes (docs/design.md section 4):
 
 - :class:`Accepted` -- the provider took the message (with its message id).
 - :class:`Throttled` -- definitely not accepted; try later, no attempt spent.
-- :class:`Retryable` -- definitely not accepted; try later, attempt spent.
+- :class:`Retryable` -- definitely not accepted; try later, attempt spent
+  (not when ``unreachable`` is set: no connection could be made at all).
 - :class:`Permanent` -- will never be accepted as it is (code and text).
 - :class:`Ambiguous` -- the request may or may not have been accepted.
 - :class:`SenderBlocked` -- credentials refused or sender blocked; stop the run.
@@ -54,6 +55,10 @@ class Retryable:
     text: str | None = None
     retry_after: float | None = None
     http_status: int | None = None
+    # The provider's host (``host:port``) when no connection could be made
+    # (refused, connect timeout): nothing was sent, no attempt is spent, and a
+    # few in a row stop the run (exit 6).
+    unreachable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
