@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import inspect
 import os
 import random
 import threading
@@ -172,6 +173,9 @@ class Row:
     tokens: set[str] = field(default_factory=set)  # every token it was ever claimed with
     accepted: int = 0  # times the provider accepted it (the sandbox ledger's truth)
     incierto_requeues: int = 0  # times an operator requeued it from incierto
+    # Made incierto by a recovery that kept the attempt's token: that attempt's
+    # late answer may still settle it.
+    late_answer_token: str | None = None
 
 
 @dataclass
@@ -257,6 +261,7 @@ class RowStateMachine(RuleBasedStateMachine):
         row.estado = estado
         row.token = None
         row.owner = None
+        row.late_answer_token = None
 
     def _read(self) -> tuple[dict[int, Any], dict[int, str]]:
         """Every row (with its number of ledger entries) and every run's state."""
@@ -303,7 +308,11 @@ class RowStateMachine(RuleBasedStateMachine):
                 run.age += seconds
 
     def _recover(self) -> None:
-        rec = self.repo.recover(LEASE)
+        before = {i: (r.estado, r.token) for i, r in self.rows.items()}
+        # recover(lease) judges every run by the caller's lease; recover() by each
+        # run's own stored lease (ejecuciones.lease_segundos, 300 s by default = LEASE).
+        by_own_lease = not inspect.signature(self.repo.recover).parameters
+        rec = self.repo.recover() if by_own_lease else self.repo.recover(LEASE)
         rows_db, runs_db = self._read()
         dead_now = 0
         for run in self.runs:
@@ -328,6 +337,13 @@ class RowStateMachine(RuleBasedStateMachine):
                     self._lose(row, INCIERTO)
                     uncertain += 1
         assert (rec.runs, rec.requeued, rec.uncertain) == (dead_now, requeued, uncertain), rec
+        for row_id, (estado, token) in before.items():
+            if estado == ENVIANDO and self.rows[row_id].estado == INCIERTO:
+                # A recovery that keeps the attempt's token on the row lets that
+                # attempt's late answer settle it; one that clears it does not.
+                kept = rows_db[row_id].claim_token
+                assert kept in (None, token), (row_id, kept)
+                self.rows[row_id].late_answer_token = kept
         # After a recovery no row is stuck: it is final, pendiente, or held by a live owner.
         for row_id, r in rows_db.items():
             if r.estado in LIVE_STATES:
@@ -422,6 +438,7 @@ class RowStateMachine(RuleBasedStateMachine):
             assert claimed.intentos == row.intentos, (claimed, row)
             row.estado = PROCESANDO
             row.token = token
+            row.late_answer_token = None
             row.owner = run
             row.tokens.add(token)
             run.claimed[claimed.id] = Held(claimed, token)
@@ -557,7 +574,8 @@ class RowStateMachine(RuleBasedStateMachine):
         attempt = Attempt(held.row, held.token, outcome, held.started_at, latency_ms=5)
         owned = self.repo.record(run.id, PROVIDER, [attempt])
         row = self.rows[held.row.id]
-        mine = self._valid(row.id, held.token, ENVIANDO)
+        late = row.estado == INCIERTO and row.late_answer_token == held.token
+        mine = self._valid(row.id, held.token, ENVIANDO) or late
         assert owned == [mine], f"record of row {row.id}: owned {owned}, the model says {mine}"
         if mine:
             estado, intentos = expected_state(held.result, held.row.intentos, held.row.max_intentos)
@@ -740,24 +758,30 @@ class RowStateMachine(RuleBasedStateMachine):
     def _requeue(self, ids: list[int], flag: bool) -> None:
         args = argparse.Namespace(ids=ids, session=None, state=None, accept_duplicate_risk=flag, json=False)
         selected = [self.rows[i] for i in ids if self.rows[i].estado in operator.REQUEUABLE]
+        refused = not flag and any(r.estado == INCIERTO for r in selected)
+        expected = [] if refused else selected
         try:
-            operator.requeue(self.engine, args)
+            out = operator.requeue(self.engine, args)
         except UsageError:
-            # Refused as a whole: only without the flag, and only for an incierto row.
-            assert not flag and any(r.estado == INCIERTO for r in selected), "requeue refused"
+            # Refused, writing nothing: an incierto row without the flag, or nothing to requeue.
+            assert not expected, f"requeue of {[r.id for r in expected]} refused"
             return
-        for row in selected:
+        assert not refused, "an incierto row was requeued without --accept-duplicate-risk"
+        assert out["requeued"] == len(expected), (out, expected)
+        for row in expected:
             if row.estado == INCIERTO:
-                if not flag:
-                    continue  # never without the flag
                 row.incierto_requeues += 1
             self._lose(row, PENDIENTE)
             row.intentos = 0
 
     def _cancel(self, ids: list[int]) -> None:
         args = argparse.Namespace(ids=ids, session=None, state=None, json=False)
-        out = operator.cancel(self.engine, args)
-        expected = [self.rows[i] for i in ids if self.rows[i].estado in (PENDIENTE, PROCESANDO)]
+        expected = [self.rows[i] for i in ids if self.rows[i].estado in operator.CANCELLABLE]
+        try:
+            out = operator.cancel(self.engine, args)
+        except UsageError:  # nothing to cancel (an enviando row may be on the wire)
+            assert not expected, f"cancel of {[r.id for r in expected]} refused"
+            return
         assert out["cancelled"] == len(expected), (out, expected)
         for row in expected:
             self._lose(row, CANCELADO)
