@@ -1,4 +1,4 @@
-"""A model test of the row state machine (DESIGN.md sections 2 and 3) against a real database.
+"""A model test of the row state machine (docs/design.md sections 2-4) against a real database.
 
 Hypothesis drives random sequences of what happens to rows in production:
 enqueue, claims by competing runs (each with its own run id and tokens), the
@@ -149,7 +149,7 @@ RESULTS: dict[str, tuple[SendResult, bool, bool]] = {
 
 
 def expected_state(kind: str, intentos: int, max_intentos: int) -> tuple[str, int | None]:
-    """DESIGN.md section 3, written out independently of the runner: the row's
+    """docs/design.md section 4, written out independently of the runner: the row's
     next state and (for ``pendiente``) its attempt count."""
     if kind == "accepted":
         return ENVIADO, None
