@@ -30,10 +30,11 @@ that clock forward honestly by moving every stored timestamp back (heartbeats,
 claims, next-attempt times, deadlines), which is what the database would see
 if that much time had passed; live runs heartbeat after each advance.
 
-Budget: ``COLA_MODEL_PROFILE=chaos`` (used by ``make chaos``) runs many more
-and longer examples than the default CI profile. Examples are derandomized, so
-a failure repeats on the next run; ``COLA_MODEL_RANDOM=1`` explores new ones.
-Either way Hypothesis prints the minimal failing program of steps.
+Budget: CI runs 50 examples of up to 30 steps per backend; ``COLA_MODEL_PROFILE=chaos``
+(for ``make chaos``) runs 600 of up to 50, and ``COLA_MODEL_EXAMPLES`` /
+``COLA_MODEL_STEPS`` set either. Examples are derandomized, so a failure
+repeats on the next run; ``COLA_MODEL_RANDOM=1`` explores new ones. Either way
+Hypothesis prints the shortest failing sequence of steps it found.
 """
 
 from __future__ import annotations
