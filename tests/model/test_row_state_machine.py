@@ -337,14 +337,17 @@ class RowStateMachine(RuleBasedStateMachine):
                 else:
                     self._lose(row, INCIERTO)
                     uncertain += 1
-        assert (rec.runs, rec.requeued, rec.uncertain) == (dead_now, requeued, uncertain), rec
         for row_id, (estado, token) in before.items():
-            if estado == ENVIANDO and self.rows[row_id].estado == INCIERTO:
+            now_db, now_model = rows_db[row_id].estado, self.rows[row_id].estado
+            # G2/G3 at once, not after later steps: procesando -> pendiente, enviando -> incierto.
+            assert now_db == now_model, f"recovery moved row {row_id} {estado} -> {now_db}, not {now_model}"
+            if estado == ENVIANDO and now_model == INCIERTO:
                 # A recovery that keeps the attempt's token on the row lets that
                 # attempt's late answer settle it; one that clears it does not.
                 kept = rows_db[row_id].claim_token
                 assert kept in (None, token), (row_id, kept)
                 self.rows[row_id].late_answer_token = kept
+        assert (rec.runs, rec.requeued, rec.uncertain) == (dead_now, requeued, uncertain), rec
         # After a recovery no row is stuck: it is final, pendiente, or held by a live owner.
         for row_id, r in rows_db.items():
             if r.estado in LIVE_STATES:
