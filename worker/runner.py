@@ -473,7 +473,7 @@ class Runner:
             if not self._progressing():
                 continue  # no renewal: after the lease a recovery may take this run's rows
             try:
-                alive = self.repo.heartbeat(self.run_id)
+                alive = self.repo.heartbeat(self.run_id, self.counts.as_db())  # status shows live counts
                 if alive and beats % 2 == 0:
                     # A long run (or --loop) keeps recovering runs that die meanwhile.
                     self._recover()

@@ -22,7 +22,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import db
 from worker.errors import InputError, UsageError
-from worker.schema import PENDIENTE, STATES, cola_envios, ejecuciones, sesiones_envio
+from worker.schema import (
+    CANCELADA,
+    PAUSADA,
+    PENDIENTE,
+    STATES,
+    cola_envios,
+    ejecuciones,
+    sesiones_envio,
+)
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -60,7 +68,7 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
     ids = [r.id for r in session_rows]
 
     counts: dict[int, dict[str, int]] = {i: _zero_counts() for i in ids}
-    pending: dict[int, tuple[dt.datetime | None, int, dt.datetime | None]] = {}
+    pending: dict[int, tuple[dt.datetime | None, int, dt.datetime | None, dt.datetime | None]] = {}
     if ids:
         by_state = (
             sa.select(cola_envios.c.sesion_id, cola_envios.c.estado, sa.func.count().label("n"))
@@ -76,6 +84,7 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
                 sa.func.min(cola_envios.c.creado_at).label("oldest"),
                 sa.func.sum(sa.case((due, 1), else_=0)).label("due_now"),
                 sa.func.min(sa.case((due, cola_envios.c.proximo_intento_at), else_=None)).label("oldest_due"),
+                sa.func.min(sa.case((due, None), else_=cola_envios.c.proximo_intento_at)).label("next_due"),
             )
             .where(cola_envios.c.sesion_id.in_(ids), cola_envios.c.estado == PENDIENTE)
             .group_by(cola_envios.c.sesion_id)
@@ -85,6 +94,7 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
                 _as_datetime(r.oldest),
                 int(r.due_now or 0),
                 _as_datetime(r.oldest_due),
+                _as_datetime(r.next_due),
             )
 
     sessions: list[dict[str, Any]] = []
@@ -93,7 +103,7 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
     oldest_all: dt.datetime | None = None
     oldest_due_all: dt.datetime | None = None
     for r in session_rows:
-        oldest, due_now, oldest_due = pending.get(r.id, (None, 0, None))
+        oldest, due_now, oldest_due, next_due = pending.get(r.id, (None, 0, None, None))
         for state, n in counts[r.id].items():
             totals[state] = totals.get(state, 0) + n
         total_due += due_now
@@ -110,6 +120,8 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
                 "oldest_pending_age_seconds": _age(now, oldest),
                 "due_now": due_now,
                 "oldest_due_age_seconds": _age(now, oldest_due),
+                "next_due_at": _iso(next_due),
+                "not_due_reason": _not_due_reason(r.estado, counts[r.id][PENDIENTE], due_now, now, next_due),
             }
         )
 
@@ -157,6 +169,22 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
         "live_runs": live_runs,
         "dead_runs": int(dead_runs),
     }
+
+
+def _not_due_reason(
+    session_state: str, pending: int, due_now: int, now: dt.datetime, next_due: dt.datetime | None
+) -> str | None:
+    """Why a session with pending rows has nothing a run would take now (None: something is due,
+    or nothing is pending)."""
+    if pending == 0:
+        return None
+    if session_state == PAUSADA:
+        return "session paused (`cola-worker resume --session NAME`)"
+    if session_state == CANCELADA:
+        return "session cancelled"
+    if due_now == 0 and next_due is not None:
+        return f"scheduled later: next in {_fmt_age((next_due - now).total_seconds())}"
+    return None
 
 
 def _as_datetime(value: Any) -> dt.datetime | None:
@@ -210,11 +238,96 @@ def _fmt_age(seconds: float | None) -> str:
     return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
-def render(data: dict[str, Any]) -> Any:
-    """A rich renderable (a group of tables) for a terminal."""
+# Under this many columns, the tables drop to the columns an operator reads first.
+WIDE = 120
+# The compact table: the states an operator acts on, the rest summed as "other".
+COMPACT_STATES = (PENDIENTE, "enviado", "error", "incierto")
+
+
+def _compact_sessions(data: dict[str, Any]) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=f"status at {data['generated_at'][:19]}Z", title_justify="left", pad_edge=False, box=box.SIMPLE
+    )
+    table.add_column("session", overflow="fold", max_width=18)
+    for state in COMPACT_STATES:
+        table.add_column(state, justify="right")
+    table.add_column("other", justify="right")
+    table.add_column("due", justify="right")
+    table.add_column("oldest due", justify="right")
+
+    def other(counts: dict[str, int]) -> str:
+        return str(sum(n for state, n in counts.items() if state not in COMPACT_STATES))
+
+    for s in data["sessions"]:
+        name = s["name"] if s["state"] == "activa" else f"{s['name']} ({s['state']})"
+        table.add_row(
+            name,
+            *(str(s["counts"][state]) for state in COMPACT_STATES),
+            other(s["counts"]),
+            str(s["due_now"]),
+            _fmt_age(s["oldest_due_age_seconds"]),
+        )
+    t = data["totals"]
+    table.add_section()
+    table.add_row(
+        "total",
+        *(str(t["counts"][state]) for state in COMPACT_STATES),
+        other(t["counts"]),
+        str(t["due_now"]),
+        _fmt_age(t["oldest_due_age_seconds"]),
+    )
+    return table
+
+
+def _compact_runs(data: dict[str, Any]) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    runs = Table(
+        title=f"live runs (lease {data['lease_seconds']:g}s)",
+        title_justify="left",
+        pad_edge=False,
+        box=box.SIMPLE,
+    )
+    for name in ("id", "host", "pid", "beat", "claimed", "sent", "err", "unsure"):
+        runs.add_column(name, justify="left" if name == "host" else "right", overflow="fold")
+    for r in data["live_runs"]:
+        c = r["counts"]
+        runs.add_row(
+            str(r["id"]),
+            r["host"][:16],
+            str(r["pid"]),
+            _fmt_age(r["heartbeat_age_seconds"]),
+            str(c["claimed"]),
+            str(c["sent"]),
+            str(c["errors"]),
+            str(c["uncertain"]),
+        )
+    return runs
+
+
+def _why_nothing_is_due(data: dict[str, Any]) -> list[str]:
+    """One line per session whose pending rows a run would not take now."""
+    return [
+        f"{s['name']}: nothing due: {s['not_due_reason']}" for s in data["sessions"] if s["not_due_reason"]
+    ]
+
+
+def render(data: dict[str, Any], width: int = 160) -> Any:
+    """A rich renderable (a group of tables) for a terminal ``width`` columns wide."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
+
+    if width < WIDE:
+        parts: list[Any] = [_compact_sessions(data)]
+        parts += [Text(line, style="yellow") for line in _why_nothing_is_due(data)]
+        parts.append(_compact_runs(data))
+        parts += _footer(data)
+        return Group(*parts)
 
     sessions = Table(title=f"cola-worker status at {data['generated_at']}", title_justify="left")
     sessions.add_column("id", justify="right")
@@ -276,7 +389,18 @@ def render(data: dict[str, Any]) -> Any:
             str(c["uncertain"]),
         )
 
-    parts: list[Any] = [sessions, runs]
+    return Group(
+        sessions,
+        *(Text(line, style="yellow") for line in _why_nothing_is_due(data)),
+        runs,
+        *_footer(data),
+    )
+
+
+def _footer(data: dict[str, Any]) -> list[Any]:
+    from rich.text import Text
+
+    parts: list[Any] = []
     dead = data["dead_runs"]
     if dead:
         parts.append(
@@ -293,7 +417,7 @@ def render(data: dict[str, Any]) -> Any:
         parts.append(Text("lock holder: " + ", ".join(f"{k}={v}" for k, v in holder.items())))
     else:
         parts.append(Text("lock holder: none"))
-    return Group(*parts)
+    return parts
 
 
 def read_lock_holder(settings: Settings) -> dict[str, Any] | None:
@@ -348,16 +472,17 @@ def command_status(args: argparse.Namespace, settings: Settings) -> int:
         console = Console()
         if not console.is_terminal:  # piped or under cron: do not squeeze the table into 80 columns
             console = Console(width=160)
+        width = console.width
         if watch is None:
-            console.print(render(snapshot()))
+            console.print(render(snapshot(), width))
             return 0
         from rich.live import Live
 
         try:
-            with Live(render(snapshot()), console=console, auto_refresh=False, screen=False) as live:
+            with Live(render(snapshot(), width), console=console, auto_refresh=False, screen=False) as live:
                 while True:
                     time.sleep(watch)
-                    live.update(render(snapshot()), refresh=True)
+                    live.update(render(snapshot(), console.width), refresh=True)
         except KeyboardInterrupt:
             pass
         return 0

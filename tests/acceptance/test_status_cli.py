@@ -122,3 +122,38 @@ def test_watch_json_refreshes_until_ctrl_c(db_url: str, tmp_path: Path) -> None:
     snapshots = [json.loads(line) for line in [first, *rest.splitlines()] if line.strip()]
     assert len(snapshots) >= 3
     assert all(s["sessions"] == [] and "generated_at" in s for s in snapshots)
+
+
+def test_live_run_counters_are_current_while_it_runs(sqlite_db_url: str, tmp_path: Path) -> None:
+    from support import seed, start_worker, wait_until, worker_env
+
+    from worker.sandbox import SandboxOptions, SandboxServer
+
+    seed(sqlite_db_url, 40)
+    server = SandboxServer(SandboxOptions(port=0, latency_ms=300))
+    server.start()
+    try:
+        env = worker_env(
+            sqlite_db_url,
+            tmp_path,
+            provider="fake",
+            fake_base_url=server.base_url,
+            concurrency=2,
+            max_jobs=0,
+            lease_seconds=2,
+        )
+        proc = start_worker(env, "run")
+        try:
+
+            def live_sent() -> int:
+                data = json.loads(run(sqlite_db_url, tmp_path, "status", "--json").stdout)
+                return max((r["counts"]["sent"] for r in data["live_runs"]), default=0)
+
+            # The run is still going (40 rows at 2 in flight and 300 ms each: about 6 s) and
+            # the status already shows what it sent, not the zeros it registered with.
+            assert wait_until(lambda: live_sent() >= 4, timeout=30, interval=0.3)
+            assert proc.poll() is None
+        finally:
+            proc.wait(timeout=60)
+    finally:
+        server.stop()

@@ -188,3 +188,36 @@ def test_render_shows_counts_runs_and_dead_warning(engine: sa.Engine, settings: 
     assert "campaña" in out and "worker-host-9" in out
     assert "1 run(s) silent past the lease" in out
     assert "lock holder: none" in out
+
+
+def test_status_says_why_nothing_is_due_and_fits_80_columns(engine: sa.Engine, settings: Settings) -> None:
+    from rich.console import Console
+
+    now = _now(engine)
+    with engine.begin() as conn:
+        later = _session(conn, "recordatorios-de-la-semana-proxima", now)
+        _job(conn, later, "pendiente", created=now, next_at=now + dt.timedelta(minutes=30))
+        paused = _session(conn, "pausada", now, estado="pausada")
+        _job(conn, paused, "pendiente", created=now, next_at=now - dt.timedelta(seconds=5))
+        due = _session(conn, "ahora", now)
+        _job(conn, due, "pendiente", created=now, next_at=now - dt.timedelta(seconds=5))
+        _job(conn, due, "incierto", created=now, next_at=now)
+        _run(conn, "a-very-long-worker-host-name.example.internal", started=now, beat=now)
+    data = collect_status(engine, settings, {"pid": 7, "host": "h", "started": "t"})
+    reasons = {s["name"]: s["not_due_reason"] for s in data["sessions"]}
+    assert reasons["recordatorios-de-la-semana-proxima"].startswith("scheduled later: next in 29m")
+    assert reasons["pausada"].startswith("session paused")
+    assert reasons["ahora"] is None
+    json.dumps(data)
+
+    narrow = Console(width=80, record=True)
+    narrow.print(render(data, 80))
+    out = narrow.export_text()
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "nothing due: scheduled later" in out and "nothing due: session paused" in out
+    assert "incierto" in out and "a-very-long-work" in out
+
+    wide = Console(width=200, record=True)
+    wide.print(render(data, 200))
+    text = wide.export_text()
+    assert all(state in text for state in STATES) and "nothing due: session paused" in text
