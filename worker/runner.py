@@ -882,12 +882,32 @@ def _install_signal_handlers(runner: Runner) -> None:
 
 
 def _dry_run(repo: QueueRepository, settings: Settings, session_id: int | None) -> int:
+    """What a run would send now, why the rest waits, and whether the provider is configured.
+    Claims nothing, writes nothing, sends nothing."""
+    from worker.providers.registry import build_provider
+    from worker.status import collect_status
+
     limit = settings.max_jobs or 1000
     rows = repo.preview(limit, session_id)
     print(f"dry run: {len(rows)} message(s) would be sent now (nothing claimed, nothing written)")
     for row in rows:
         what = f"template {row.payload.get('template')}" if row.tipo == "template" else "text"
         print(f"  {row.id}\t{customer_label(row)}\t{mask_phone(row.telefono)}\t{what}")
+    waiting = [
+        s
+        for s in collect_status(repo.engine, settings, None)["sessions"]
+        if s["not_due_reason"] and (session_id is None or s["id"] == session_id)
+    ]
+    for s in waiting:
+        print(f"  not due: session {s['name']}: {s['counts']['pendiente']} pendiente, {s['not_due_reason']}")
+    if settings.provider is None:
+        raise ConfigError(
+            "COLA_PROVIDER is not set: choose meta, twilio, webhook or fake "
+            "(the dry run checks the provider configuration a run would use)"
+        )
+    provider = build_provider(settings, max_connections=1)  # raises ConfigError naming what is missing
+    provider.close()
+    print(f"provider {settings.provider}: configuration complete (nothing was sent)")
     return 0
 
 

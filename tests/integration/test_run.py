@@ -407,3 +407,22 @@ def test_recovery_never_takes_a_live_runs_rows(db_url: str, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     assert '"requeued": 1' in proc.stdout and '"incierto": 1' in proc.stdout
     assert states(url) == Counter({"pendiente": 1, "incierto": 1})
+
+
+def test_dry_run_says_why_rows_wait_and_checks_the_provider(db_url: str, tmp_path: Path) -> None:
+    seed(db_url, 2, session="later")
+    execute(db_url, "UPDATE cola_envios SET proximo_intento_at = :t", t=dt.datetime(2100, 1, 1))
+    seed(db_url, 1, session="paused", start=10, session_state="pausada")
+    env = worker_env(db_url, tmp_path, provider="meta")  # no phone number id, no token
+    proc = run_worker(env, "run", "--dry-run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "0 message(s) would be sent" in proc.stdout
+    assert "not due: session later: 2 pendiente, scheduled later" in proc.stdout
+    assert "not due: session paused: 1 pendiente, session paused" in proc.stdout
+    assert "COLA_META_PHONE_NUMBER_ID" in proc.stderr or "COLA_META_TOKEN" in proc.stderr
+
+    ok = run_worker(worker_env(db_url, tmp_path, provider="fake"), "run", "--dry-run")
+    assert ok.returncode == 0, ok.stderr
+    assert "provider fake: configuration complete" in ok.stdout
+    missing = run_worker(worker_env(db_url, tmp_path), "run", "--dry-run")
+    assert missing.returncode == 2 and "COLA_PROVIDER" in missing.stderr
