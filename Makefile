@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration acceptance bench clean
+.PHONY: demo test lint typecheck unit integration acceptance bench crash-matrix clean
 
 DEMO_STAMP := $(VENV)/.demo-installed
 # make demo DATABASE_URL=mysql+pymysql://root@127.0.0.1/empty_db  tells the story on a server
@@ -41,6 +41,11 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# The crash-point matrix at full size (200 kills per point on each backend;
+# `make test` runs it smaller): prints its table. COLA_CRASH_ITERATIONS overrides.
+crash-matrix: $(STAMP)
+	COLA_CRASH_ITERATIONS=$${COLA_CRASH_ITERATIONS:-200} $(BIN)/pytest -s tests/chaos/test_crash_matrix.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -30,6 +30,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from worker import db
 from worker.errors import ConfigError, ProviderUnreachable, SenderBlockedError, UsageError
+from worker.faults import crash_point
 from worker.limits import PairGate, RateLimiter
 from worker.masking import mask_customer_id, mask_phone
 from worker.providers.base import (
@@ -626,6 +627,7 @@ class Runner:
         token = uuid.uuid4().hex
         with self.writes.waiting():
             rows = self.repo.claim(self.run_id, token, n, self.session_id)
+        crash_point("after-claim")  # test-only (worker/faults.py)
         self.counts.claimed += len(rows)
         if rows:
             logger.debug("claimed %d row(s)", len(rows), extra={"action": "claim", "rows": len(rows)})
@@ -703,6 +705,7 @@ class Runner:
             return _Sent(row, None, None, 0, False, error=exc, fence="error")
         if fence != "fenced":
             return _Sent(row, None, None, 0, False, fence=fence)
+        crash_point("after-fence", row.id)
         # The slot was granted before the fence; keep the spacing on the wire too
         # (a slow fence commit must not release a burst).
         pause = self.rate.send_delay(self.clock())
@@ -731,6 +734,7 @@ class Runner:
             result = Ambiguous(text=f"provider raised {type(exc).__name__}")
         latency_ms = int((time.monotonic() - t0) * 1000)
         outcome = classify(result, row, self.policy, self.settings.pair_interval)
+        crash_point("after-answer", row.id)
         try:
             owned = self._recorder(Attempt(row, token, outcome, started_at, latency_ms))
         except Exception as exc:
@@ -744,6 +748,7 @@ class Runner:
                 extra={"action": "record_error", "job": str(row.id)},
             )
             return _Sent(row, outcome, result, latency_ms, False, exc)
+        crash_point("after-record", row.id)
         return _Sent(row, outcome, result, latency_ms, owned)
 
     def _finished(self, sent: _Sent, row: ClaimedRow, token: str) -> None:

@@ -278,3 +278,16 @@ def load_settings(
 def validate_provider_name(name: str | None, known: tuple[str, ...]) -> None:
     if name is not None and name not in known:
         raise ConfigError(f"COLA_PROVIDER: unknown provider {name!r} (known: {', '.join(known)})")
+
+
+# Test-only, and deliberately not a setting: no flag, not in ``Settings`` nor in
+# ``--help``. The crash-point tests set it (worker/faults.py); it is read here
+# so that this module stays the only one that reads the environment.
+CRASH_HOOK_ENV = "COLA_TEST_CRASH_AT"
+
+
+def crash_hook_spec(environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of ``COLA_TEST_CRASH_AT``, or None when it is unset or empty."""
+    env = os.environ if environ is None else environ
+    raw = env.get(CRASH_HOOK_ENV, "").strip()
+    return raw or None

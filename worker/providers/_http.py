@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from worker import faults
 from worker.errors import ConfigError
 from worker.masking import mask_phone
 from worker.providers.base import (
@@ -214,6 +215,7 @@ class HttpProvider(Provider):
         if isinstance(prepared, httpx.Request) and self._client.is_closed:
             prepared = Retryable(code=None, text=f"provider {self.name} is closed; nothing was sent")
         if isinstance(prepared, httpx.Request):
+            faults.watch_request(prepared.extensions, request.job_id)  # test-only crash point
             try:
                 response = self._client.send(prepared)
             except Exception as exc:  # every failure in flight is a result, never a crash
