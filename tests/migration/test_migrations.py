@@ -84,3 +84,19 @@ def test_check_schema_refuses_missing_and_behind(empty_db_url: str) -> None:
             db.check_schema(engine)
     finally:
         engine.dispose()
+
+
+def test_head_is_read_without_alembic_and_agrees_with_it(sqlite_db_url: str) -> None:
+    import subprocess
+    import sys
+
+    assert db.head_revision() == db._alembic_head()
+    # Every run checks the schema first: without importing Alembic (a third of a cron run's start-up).
+    code = (
+        "import sys; from worker import db; "
+        f"db.check_schema(db.create_engine({sqlite_db_url!r})); "
+        "print('alembic' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
