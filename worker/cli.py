@@ -35,6 +35,14 @@ _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "lock": ("lock_file",),
     "db": _COMMON,
     "demo": _COMMON,
+    "receipts": (
+        *_COMMON,
+        "receipts_public_url",
+        "receipts_max_body",
+        "receipt_window",
+        "receipt_sweep",
+        "opt_out_words",
+    ),
 }
 
 
@@ -195,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{text} (see {name} --help)", add_help=False)
         p.add_argument("passed_argv", nargs=argparse.REMAINDER)
 
+    p = add(
+        "receipts", "serve provider status callbacks: track delivery, settle incierto rows, opt-out words"
+    )
+    p.add_argument(
+        "--host",
+        dest="opt_receipts_host",
+        default=None,
+        help="address to listen on [env COLA_RECEIPTS_HOST, default 127.0.0.1]",
+    )
+    p.add_argument(
+        "--port",
+        dest="opt_receipts_port",
+        default=None,
+        help="port (0: a free one) [env COLA_RECEIPTS_PORT, default 8766]",
+    )
+
     p = add("demo", "the whole story on an embedded SQLite database and the local sandbox")
     p.add_argument("--dir", help="working directory (default: a new temporary one)")
     p.add_argument("--messages", type=int, default=120)
@@ -313,6 +337,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "show": _lazy("worker.show", "command_show"),
     "prune": _lazy("worker.operator", "command_prune"),
     "demo": _lazy("worker.demo", "command_demo"),
+    "receipts": _lazy("worker.web.app", "command_receipts"),
 }
 
 
