@@ -24,8 +24,8 @@ _COMMON = ("log_format", "log_level")
 _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "run": _RUN_OPTIONS,
     "enqueue": (*_COMMON, "default_region", "max_attempts"),
-    "status": (*_COMMON, "lease_seconds", "lock_file"),
-    "audit": _COMMON,
+    "status": (*_COMMON, "lease_seconds", "lock_file", "receipt_window"),
+    "audit": (*_COMMON, "receipt_window"),
     "requeue": _COMMON,
     "cancel": _COMMON,
     "pause": _COMMON,

@@ -163,8 +163,6 @@ def make_app(settings: Settings, repo: DeliveryRepository) -> web.Application:
     writer = GroupWriter(repo, metrics)
     # aiohttp refuses bodies over client_max_size (413) even without a Content-Length.
     app = web.Application(client_max_size=settings.receipts_max_body)
-    app["metrics"] = metrics
-    app["writer"] = writer
     ReceiptsRoutes(settings, writer.submit, metrics).add_to(app)
     tasks: list[asyncio.Task[None]] = []
 
