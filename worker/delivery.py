@@ -284,36 +284,43 @@ class DeliveryRepository:
         """Record each status on its row: the first time of each state, the
         furthest state, the failure code. Set-based and order-independent, so
         concurrent receivers and any arrival order give the same row."""
-        by_state: dict[str, list[dict[str, Any]]] = {}
+        by_state: dict[str, dict[int, tuple[dt.datetime, str | None]]] = {}
         failed: list[str] = []
         for row_id, ev in matched:
             state = DELIVERY_STATE.get(ev.status)
             if state is None:
                 continue
             at = ev.occurred_at or now
-            by_state.setdefault(state, []).append({"rid": row_id, "at": at, "cd": _clip(ev.code, CODE_LEN)})
+            seen = by_state.setdefault(state, {})
+            if row_id not in seen or at < seen[row_id][0]:
+                seen[row_id] = (at, _clip(ev.code, CODE_LEN))
             if state == "failed":
                 failed.append(ev.code or "")
-        for state, params in by_state.items():
+        # One statement per state for the whole group (per-row times in a CASE):
+        # one UPDATE per row was the receiver's bottleneck on a busy server.
+        for state, per_row in by_state.items():
+            ids = sorted(per_row)
             column = cola_envios.c[_TIME_COLUMN[state]]
+            times = sa.case(
+                {rid: sa.literal(per_row[rid][0], Timestamp) for rid in ids}, value=c.id, else_=column
+            )
             whens: list[tuple[Any, Any]] = [(c.entrega_estado.is_(None), sa.literal(state))]
             if _REPLACES[state]:
-                # OR of equalities, not IN: an expanding IN cannot be executed many times.
-                earlier = sa.or_(*(c.entrega_estado == sa.literal(x) for x in _REPLACES[state]))
-                whens.append((earlier, sa.literal(state)))
+                whens.append((c.entrega_estado.in_(_REPLACES[state]), sa.literal(state)))
             values: dict[str, Any] = {
-                column.name: sa.func.coalesce(column, sa.bindparam("at", type_=Timestamp)),
+                column.name: sa.func.coalesce(column, times),
                 "entrega_estado": sa.case(*whens, else_=c.entrega_estado),
             }
             if state == "failed":
-                values["entrega_codigo"] = sa.func.coalesce(
-                    c.entrega_codigo, sa.bindparam("cd", type_=sa.String(CODE_LEN))
+                codes = sa.case(
+                    {rid: sa.literal(per_row[rid][1], sa.String(CODE_LEN)) for rid in ids},
+                    value=c.id,
+                    else_=c.entrega_codigo,
                 )
-            else:
-                for p in params:
-                    p.pop("cd")
-            stmt = cola_envios.update().where(c.id == sa.bindparam("rid")).values(**values)
-            conn.execute(stmt, params)
+                values["entrega_codigo"] = sa.func.coalesce(c.entrega_codigo, codes)
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i : i + _CHUNK]
+                conn.execute(cola_envios.update().where(c.id.in_(chunk)).values(**values))
         return failed
 
     @staticmethod
