@@ -4,11 +4,11 @@ One run of the bench, one fresh database:
 
 1. live: the sandbox (50 ms latency) posts Meta-shaped status webhooks (sent,
    delivered, read: three per message, one status per request, as Meta
-   usually sends them) to `cola-worker receipts` while one `cola-worker run`
+   usually sends them, 64 at a time) to `cola-worker receipts` while one `cola-worker run`
    sends N messages. Prints the run's send rate and how long after the run
    the last status was stored (the receiver's lag);
 2. burst: the delivery state is cleared and the bench itself posts the same
-   3N signed statuses as fast as it can (64 concurrent requests, aiohttp
+   3N signed statuses as fast as it can (200 concurrent requests, aiohttp
    client), so the receiver, not the sender, is the limit: statuses stored
    per second, next to the send rate (three statuses per message).
 
@@ -43,6 +43,7 @@ from worker import db  # noqa: E402
 from worker.web.signing import META_HEADER, hmac_sha256_signature  # noqa: E402
 
 SECRET = "bench-app-secret"
+BURST = 200  # concurrent requests of the burst (Meta delivers webhooks concurrently)
 SERVER_URLS = {
     "mysql": os.environ.get("COLA_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1/test"),
     "postgresql": os.environ.get("COLA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1/test"),
@@ -143,7 +144,7 @@ def main() -> int:
                         f"--receipts-url=http://127.0.0.1:{recv_port}/meta",
                         f"--receipts-secret={SECRET}",
                         "--receipts-batch=1",
-                        "--receipts-senders=16",
+                        "--receipts-senders=64",
                         "--receipts-delay-ms=0",
                     ],
                     env=env,
@@ -201,7 +202,7 @@ def main() -> int:
                 for word in ("sent", "delivered", "read")
                 for job, mid, phone in rows
             ]
-            seconds, refused = asyncio.run(_burst(f"http://127.0.0.1:{recv_port}/meta", bodies, 64))
+            seconds, refused = asyncio.run(_burst(f"http://127.0.0.1:{recv_port}/meta", bodies, BURST))
             stored = _stored(database.url)
             assert refused == 0 and stored == expected, (refused, stored)
             burst = {
@@ -209,7 +210,7 @@ def main() -> int:
                 "seconds": round(seconds, 2),
                 "statuses_per_second": round(expected / seconds, 1),
                 "messages_per_second_equivalent": round(expected / seconds / 3, 1),
-                "concurrent_requests": 64,
+                "concurrent_requests": BURST,
             }
         finally:
             for p in procs:
