@@ -19,7 +19,17 @@ from worker.settings import OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
 
 # Which settings each command takes as flags (all have COLA_* variables).
 _PRUNE_ONLY = ("keep_keys_days",)
-_RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.flag and o.name not in _PRUNE_ONLY)
+# Settings of `receipts` alone (the run reads COLA_RECEIPTS_PUBLIC_URL from the environment only).
+_RECEIPTS_ONLY = (
+    "receipts_host",
+    "receipts_port",
+    "receipts_public_url",
+    "receipts_max_body",
+    "receipt_window",
+    "receipt_sweep",
+    "opt_out_words",
+)
+_RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.flag and o.name not in (*_PRUNE_ONLY, *_RECEIPTS_ONLY))
 _COMMON = ("log_format", "log_level")
 _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "run": _RUN_OPTIONS,
@@ -35,14 +45,8 @@ _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "lock": ("lock_file",),
     "db": _COMMON,
     "demo": _COMMON,
-    "receipts": (
-        *_COMMON,
-        "receipts_public_url",
-        "receipts_max_body",
-        "receipt_window",
-        "receipt_sweep",
-        "opt_out_words",
-    ),
+    # --host and --port are added by hand (receipts_host, receipts_port).
+    "receipts": (*_COMMON, *_RECEIPTS_ONLY[2:]),
 }
 
 
