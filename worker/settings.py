@@ -166,9 +166,7 @@ OPTIONS: tuple[Option, ...] = (
         secret=True,
         flag=False,
     ),
-    Option(
-        "receipts_max_body", "int", 1048576, "receipts: largest request body accepted, bytes", minimum=1024
-    ),
+    Option("receipts_max_body", "int", 1048576, "receipts: largest request body accepted, bytes", minimum=1),
     Option(
         "receipt_window",
         "float",
