@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from worker import db
+from worker.delivery import incierto_waiting
 from worker.errors import AuditFailed
 from worker.masking import mask_customer_id, mask_phone
 from worker.queue import RUN_ACTIVE
@@ -44,7 +45,7 @@ w = envios_whatsapp.c
 i = intentos_envio.c
 
 
-def run_audit(engine: Engine, hours: float) -> dict[str, Any]:
+def run_audit(engine: Engine, hours: float, receipt_window: float = 3600.0) -> dict[str, Any]:
     with engine.connect() as conn:
         now = db.db_now(conn)
         since = now - dt.timedelta(hours=hours)
@@ -90,6 +91,8 @@ def run_audit(engine: Engine, hours: float) -> dict[str, Any]:
                 sa.select(sa.func.count()).select_from(cola_envios).where(c.estado == INCIERTO)
             ).scalar_one()
         )
+        # Reported, not a problem: no receipt settled them within the window.
+        no_receipt = incierto_waiting(conn, now, receipt_window)
     problems = (
         len(accepted_twice)
         + len(by_customer)
@@ -110,6 +113,7 @@ def run_audit(engine: Engine, hours: float) -> dict[str, Any]:
         "envios_whatsapp_without_enviado": ledger_without_sent,
         "claimed_by_dead_runs": orphaned,
         "incierto_waiting_for_operator": uncertain,
+        "incierto_without_receipt": no_receipt,
     }
 
 
@@ -141,7 +145,7 @@ def command_audit(args: argparse.Namespace, settings: Settings) -> int:
     engine = db.create_engine_from_settings(settings)
     try:
         db.check_schema(engine)
-        report = run_audit(engine, args.hours)
+        report = run_audit(engine, args.hours, settings.receipt_window)
     finally:
         engine.dispose()
     if args.json:
@@ -162,6 +166,10 @@ def command_audit(args: argparse.Namespace, settings: Settings) -> int:
             for item in items[:20]:
                 print(f"    {item}")
         print(f"  incierto waiting for an operator: {report['incierto_waiting_for_operator']}")
+        waiting = report["incierto_without_receipt"]
+        print(f"  incierto with no receipt after {waiting['window_seconds']:g} s: {waiting['count']}")
+        for row in waiting["rows"]:
+            print(f"    job {row['id']}: incierto for {row['age_seconds']:.0f} s")
         print(
             "  OK: no duplicates, no inconsistencies"
             if report["ok"]

@@ -19,13 +19,23 @@ from worker.settings import OPTIONS, OPTIONS_BY_NAME, Settings, load_settings
 
 # Which settings each command takes as flags (all have COLA_* variables).
 _PRUNE_ONLY = ("keep_keys_days",)
-_RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.flag and o.name not in _PRUNE_ONLY)
+# Settings of `receipts` alone (the run reads COLA_RECEIPTS_PUBLIC_URL from the environment only).
+_RECEIPTS_ONLY = (
+    "receipts_host",
+    "receipts_port",
+    "receipts_public_url",
+    "receipts_max_body",
+    "receipt_window",
+    "receipt_sweep",
+    "opt_out_words",
+)
+_RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.flag and o.name not in (*_PRUNE_ONLY, *_RECEIPTS_ONLY))
 _COMMON = ("log_format", "log_level")
 _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "run": _RUN_OPTIONS,
     "enqueue": (*_COMMON, "default_region", "max_attempts"),
-    "status": (*_COMMON, "lease_seconds", "lock_file"),
-    "audit": _COMMON,
+    "status": (*_COMMON, "lease_seconds", "lock_file", "receipt_window"),
+    "audit": (*_COMMON, "receipt_window"),
     "requeue": _COMMON,
     "cancel": _COMMON,
     "pause": _COMMON,
@@ -35,6 +45,8 @@ _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "lock": ("lock_file",),
     "db": _COMMON,
     "demo": _COMMON,
+    # --host and --port are added by hand (receipts_host, receipts_port).
+    "receipts": (*_COMMON, *_RECEIPTS_ONLY[2:]),
 }
 
 
@@ -195,6 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{text} (see {name} --help)", add_help=False)
         p.add_argument("passed_argv", nargs=argparse.REMAINDER)
 
+    p = add(
+        "receipts", "serve provider status callbacks: track delivery, settle incierto rows, opt-out words"
+    )
+    p.add_argument(
+        "--host",
+        dest="opt_receipts_host",
+        default=None,
+        help="address to listen on [env COLA_RECEIPTS_HOST, default 127.0.0.1]",
+    )
+    p.add_argument(
+        "--port",
+        dest="opt_receipts_port",
+        default=None,
+        help="port (0: a free one) [env COLA_RECEIPTS_PORT, default 8766]",
+    )
+
     p = add("demo", "the whole story on an embedded SQLite database and the local sandbox")
     p.add_argument("--dir", help="working directory (default: a new temporary one)")
     p.add_argument("--messages", type=int, default=120)
@@ -313,6 +341,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "show": _lazy("worker.show", "command_show"),
     "prune": _lazy("worker.operator", "command_prune"),
     "demo": _lazy("worker.demo", "command_demo"),
+    "receipts": _lazy("worker.web.app", "command_receipts"),
 }
 
 

@@ -11,6 +11,7 @@ fail-before    500 with a Meta body, code 131000                 no         no
 fail-after     500 with no Meta body                             yes        yes
 stall-after    answers only after ``stall_seconds``              yes        yes
 reset-after    connection reset (SO_LINGER 0), no answer         yes        yes
+reset-before   connection reset before accepting, no answer      no         no
 throttle       429, code 130429                                  no         no
 pair-throttle  400, code 131056                                  no         no
 invalid        400, code 131026                                  no         no
@@ -20,12 +21,18 @@ A request is decided when it arrives (limits, faults, ledger), then the
 configured latency passes, then it is answered. Standard library only: the
 HTTP/1.1 keep-alive ``ThreadingHTTPServer`` keeps up with the worker (see
 bench/bench_sandbox.py). Flags and endpoints are documented in docs/providers.md.
+
+With ``--receipts-url`` it also plays Meta's webhooks: for every message it
+accepted it POSTs signed status callbacks (sent, delivered, read; a share
+failed, duplicated, out of order or late) to that URL, retrying on non-2xx.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import hmac
+import http.client
 import json
 import logging
 import random
@@ -42,8 +49,10 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
+from worker.web.signing import META_HEADER, hmac_sha256_signature
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,7 @@ FAULT_KINDS = (
     "fail-after",
     "stall-after",
     "reset-after",
+    "reset-before",
     "throttle",
     "pair-throttle",
     "invalid",
@@ -89,6 +99,7 @@ class SandboxOptions:
     fail_after: float = 0.0
     stall_after: float = 0.0
     reset_after: float = 0.0
+    reset_before: float = 0.0
     throttle: float = 0.0
     pair_throttle: float = 0.0
     invalid: float = 0.0
@@ -99,6 +110,19 @@ class SandboxOptions:
     pair_interval: float = 0.0  # seconds between accepted messages to one recipient; 0 = off
     token: str | None = field(default=None, repr=False)  # None = accept any bearer token
     ledger: str | None = None  # JSON Lines file, appended to
+    # Status webhooks (Meta's shape) for accepted messages; None = off.
+    receipts_url: str | None = None
+    receipts_secret: str | None = field(default=None, repr=False)  # Meta app secret to sign with
+    receipts_failed: float = (
+        0.0  # share of messages that get "failed" (131026/131049) instead of delivered+read
+    )
+    receipts_duplicate: float = 0.0  # share of messages with one status sent twice
+    receipts_reorder: float = 0.0  # share of messages whose statuses go in reverse order
+    receipts_late: float = 0.0  # share of messages with one status held back --receipts-late-ms
+    receipts_late_ms: float = 2000.0
+    receipts_delay_ms: float = 20.0  # each status waits up to this long after the previous one
+    receipts_senders: int = 4  # concurrent webhook connections
+    receipts_batch: int = 10  # statuses per webhook request, at most
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -112,6 +136,20 @@ class SandboxOptions:
                 raise ConfigError(f"--{kind}: {rate!r} is not a rate in [0, 1]")
         if sum(rate for _, rate in self.rates()) > 1.0 + 1e-9:
             raise ConfigError("the fault rates add up to more than 1")
+        for name in ("receipts_failed", "receipts_duplicate", "receipts_reorder", "receipts_late"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not a rate in [0, 1]")
+        if not (self.receipts_late_ms >= 0 and self.receipts_delay_ms >= 0):
+            raise ConfigError("--receipts-late-ms and --receipts-delay-ms must be 0 or more")
+        if self.receipts_senders < 1 or self.receipts_batch < 1:
+            raise ConfigError("--receipts-senders and --receipts-batch must be at least 1")
+        if self.receipts_url is not None:
+            parts = urlsplit(self.receipts_url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ConfigError(f"--receipts-url: {self.receipts_url!r} is not an http:// URL")
+            if not self.receipts_secret:
+                raise ConfigError("--receipts-url needs --receipts-secret (the app secret to sign with)")
         for recipient, kind in self.faults:
             if kind not in FAULT_KINDS:
                 raise ConfigError(f"--fault: {kind!r} is not one of {', '.join(FAULT_KINDS)}")
@@ -128,6 +166,181 @@ class _Decision:
     message_id: str | None = None
 
 
+class _ReceiptSender:
+    """Meta-shaped status webhooks for accepted messages, signed with the app
+    secret, sent by a few threads over keep-alive connections and retried with
+    backoff on non-2xx or a connection error (up to ``MAX_ATTEMPTS``)."""
+
+    MAX_ATTEMPTS = 30
+    FAILED_CODES = ((131026, "Message undeliverable"), (131049, "Meta chose not to deliver"))
+
+    def __init__(self, options: SandboxOptions) -> None:
+        assert options.receipts_url is not None and options.receipts_secret is not None
+        self.options = options
+        self.url = urlsplit(options.receipts_url)
+        self.secret = options.receipts_secret
+        self.rng = random.Random(None if options.seed is None else options.seed + 2)
+        self.cond = threading.Condition()
+        self.heap: list[tuple[float, int, int, dict[str, Any], str]] = []  # due, seq, attempt, status, sender
+        self.seq = 0
+        self.stopping = False
+        self.counts: Counter[str] = Counter()
+        self.in_flight = 0
+        self.threads = [
+            threading.Thread(target=self._loop, name=f"sandbox-receipts-{i}", daemon=True)
+            for i in range(options.receipts_senders)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def schedule(self, *, message_id: str, job_id: str, recipient: str, sender: str) -> None:
+        o = self.options
+        with self.cond:
+            r = self.rng
+            failed = r.random() < o.receipts_failed
+            words = ["sent", "failed"] if failed else ["sent", "delivered", "read"]
+            gaps = [r.uniform(0, o.receipts_delay_ms / 1000.0) for _ in words]
+            times = [sum(gaps[: i + 1]) for i in range(len(words))]
+            if r.random() < o.receipts_reorder:
+                times.reverse()
+            if r.random() < o.receipts_late:
+                times[r.randrange(len(times))] += o.receipts_late_ms / 1000.0
+            events = list(zip(words, times, strict=True))
+            if r.random() < o.receipts_duplicate:
+                word, at = events[r.randrange(len(events))]
+                events.append((word, at + r.uniform(0, 0.2)))
+            now = time.monotonic()
+            for word, at in events:
+                status: dict[str, Any] = {
+                    "id": message_id,
+                    "status": word,
+                    "recipient_id": recipient,
+                    "biz_opaque_callback_data": job_id,
+                }
+                if word == "failed":
+                    code, title = self.FAILED_CODES[r.randrange(len(self.FAILED_CODES))]
+                    status["errors"] = [{"code": code, "title": title}]
+                self._push_locked(now + at, 0, status, sender)
+            self.counts["scheduled"] += len(events)
+            self.cond.notify_all()
+
+    def _push_locked(self, due: float, attempt: int, status: dict[str, Any], sender: str) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (due, self.seq, attempt, status, sender))
+
+    def _take(self) -> list[tuple[float, int, int, dict[str, Any], str]] | None:
+        with self.cond:
+            while not self.stopping:
+                now = time.monotonic()
+                if self.heap and self.heap[0][0] <= now:
+                    sender = self.heap[0][4]
+                    batch: list[tuple[float, int, int, dict[str, Any], str]] = []
+                    while self.heap and self.heap[0][0] <= now and len(batch) < self.options.receipts_batch:
+                        if self.heap[0][4] != sender:
+                            break
+                        batch.append(heapq.heappop(self.heap))
+                    self.in_flight += len(batch)
+                    return batch
+                self.cond.wait(min(0.5, self.heap[0][0] - now) if self.heap else 0.5)
+            return None
+
+    def _loop(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        while True:
+            batch = self._take()
+            if batch is None:
+                break
+            sender = batch[0][4]
+            now_s = str(int(time.time()))
+            statuses = [dict(item[3], timestamp=now_s) for item in batch]
+            body = json.dumps(
+                {
+                    "object": "whatsapp_business_account",
+                    "entry": [
+                        {
+                            "id": "sandbox-waba",
+                            "changes": [
+                                {
+                                    "field": "messages",
+                                    "value": {
+                                        "messaging_product": "whatsapp",
+                                        "metadata": {
+                                            "display_phone_number": sender,
+                                            "phone_number_id": sender,
+                                        },
+                                        "statuses": statuses,
+                                    },
+                                }
+                            ],
+                        }
+                    ],
+                },
+                separators=(",", ":"),
+            ).encode()
+            ok = False
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(
+                        self.url.hostname or "", self.url.port or 80, timeout=10
+                    )
+                conn.request(
+                    "POST",
+                    self.url.path or "/",
+                    body=body,
+                    headers={
+                        "Content-Type": "application/json",
+                        META_HEADER: hmac_sha256_signature(self.secret, body),
+                    },
+                )
+                response = conn.getresponse()
+                response.read()
+                ok = 200 <= response.status < 300
+                if response.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException):
+                if conn is not None:
+                    conn.close()
+                conn = None
+            with self.cond:
+                self.in_flight -= len(batch)
+                if ok:
+                    self.counts["posted"] += 1
+                    self.counts["delivered"] += len(batch)
+                else:
+                    self.counts["failed_posts"] += 1
+                    for _, _, attempt, status, snd in batch:
+                        if attempt + 1 >= self.MAX_ATTEMPTS:
+                            self.counts["dropped"] += 1
+                            continue
+                        self.counts["retries"] += 1
+                        delay = min(5.0, 0.2 * 2**attempt)
+                        self._push_locked(time.monotonic() + delay, attempt + 1, status, snd)
+                self.cond.notify_all()
+        if conn is not None:
+            conn.close()
+
+    def stats(self) -> dict[str, Any]:
+        with self.cond:
+            return {
+                "url": self.options.receipts_url,
+                "scheduled": self.counts["scheduled"],
+                "delivered": self.counts["delivered"],
+                "posted": self.counts["posted"],
+                "failed_posts": self.counts["failed_posts"],
+                "retries": self.counts["retries"],
+                "dropped": self.counts["dropped"],
+                "pending": len(self.heap) + self.in_flight,
+            }
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join(timeout=12)
+
+
 class _State:
     """Counters, limits, faults and the ledger, behind one lock."""
 
@@ -136,6 +349,7 @@ class _State:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self._ledger_file: IO[str] | None = None
+        self.receipts = _ReceiptSender(options) if options.receipts_url else None
         if options.ledger:
             self._ledger_file = open(options.ledger, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         self._reset_locked()
@@ -161,6 +375,8 @@ class _State:
             self._reset_locked()
 
     def close(self) -> None:
+        if self.receipts is not None:
+            self.receipts.stop()
         with self.lock:
             if self._ledger_file is not None:
                 self._ledger_file.close()
@@ -251,6 +467,10 @@ class _State:
             self.outcomes[outcome] += 1
             if self._ledger_file is not None:
                 self._ledger_file.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            if self.receipts is not None:
+                self.receipts.schedule(
+                    message_id=message_id, job_id=job_id, recipient=recipient, sender=sender
+                )
             return _Decision(outcome, message_id)
 
     def _draw_locked(self) -> str:
@@ -283,6 +503,7 @@ class _State:
                 "uptime_seconds": round(time.monotonic() - self.started, 3),
                 "faults": dict(self.faults),
                 "ledger_file": self.options.ledger,
+                "receipts": self.receipts.stats() if self.receipts is not None else None,
             }
 
     def ledger_copy(self) -> list[dict[str, Any]]:
@@ -493,7 +714,7 @@ class _Handler(BaseHTTPRequestHandler):
         if outcome == "fail-after":
             self._send(500, b"Internal Server Error\n", "text/plain")
             return
-        if outcome == "reset-after":
+        if outcome in ("reset-after", "reset-before"):
             self._reset_connection()
             return
         if outcome == "stall-after":
@@ -630,6 +851,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fail-after": "accepted (ledger), then 500 with no Meta body",
         "stall-after": "accepted (ledger), then answer only after --stall-seconds",
         "reset-after": "accepted (ledger), then the connection is reset",
+        "reset-before": "the connection is reset before accepting; not accepted",
         "throttle": "429 with Meta code 130429; not accepted",
         "pair-throttle": "400 with Meta code 131056; not accepted",
         "invalid": "400 with Meta code 131026; not accepted",
@@ -663,6 +885,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ledger", default=None, metavar="FILE", help="append accepted messages here (JSON Lines)"
     )
+    g = parser.add_argument_group("status webhooks (Meta's shape) for accepted messages")
+    g.add_argument(
+        "--receipts-url", default=None, metavar="URL", help="POST them here (e.g. http://127.0.0.1:8766/meta)"
+    )
+    g.add_argument("--receipts-secret", default=None, metavar="SECRET", help="app secret to sign them with")
+    g.add_argument(
+        "--receipts-failed", type=_rate, default=0.0, metavar="RATE", help="share failed (131026/131049)"
+    )
+    g.add_argument(
+        "--receipts-duplicate", type=_rate, default=0.0, metavar="RATE", help="share with a status sent twice"
+    )
+    g.add_argument(
+        "--receipts-reorder", type=_rate, default=0.0, metavar="RATE", help="share in reverse order"
+    )
+    g.add_argument(
+        "--receipts-late", type=_rate, default=0.0, metavar="RATE", help="share with one status held back"
+    )
+    g.add_argument(
+        "--receipts-late-ms", type=float, default=d.receipts_late_ms, help="how long (default %(default)s)"
+    )
+    g.add_argument(
+        "--receipts-delay-ms",
+        type=float,
+        default=d.receipts_delay_ms,
+        help="max gap between statuses (default %(default)s)",
+    )
+    g.add_argument(
+        "--receipts-senders", type=int, default=d.receipts_senders, help="connections (default %(default)s)"
+    )
+    g.add_argument(
+        "--receipts-batch",
+        type=int,
+        default=d.receipts_batch,
+        help="statuses per request (default %(default)s)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> SandboxOptions:
@@ -675,6 +932,7 @@ def options_from_args(args: argparse.Namespace) -> SandboxOptions:
         fail_after=args.fail_after,
         stall_after=args.stall_after,
         reset_after=args.reset_after,
+        reset_before=args.reset_before,
         throttle=args.throttle,
         pair_throttle=args.pair_throttle,
         invalid=args.invalid,
@@ -685,6 +943,16 @@ def options_from_args(args: argparse.Namespace) -> SandboxOptions:
         pair_interval=args.pair_interval,
         token=args.token,
         ledger=args.ledger,
+        receipts_url=args.receipts_url,
+        receipts_secret=args.receipts_secret,
+        receipts_failed=args.receipts_failed,
+        receipts_duplicate=args.receipts_duplicate,
+        receipts_reorder=args.receipts_reorder,
+        receipts_late=args.receipts_late,
+        receipts_late_ms=args.receipts_late_ms,
+        receipts_delay_ms=args.receipts_delay_ms,
+        receipts_senders=args.receipts_senders,
+        receipts_batch=args.receipts_batch,
     )
 
 

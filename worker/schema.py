@@ -94,12 +94,23 @@ cola_envios = sa.Table(
     sa.Column("error_texto", sa.String(1000), nullable=True),
     sa.Column("creado_at", Timestamp, nullable=False),
     sa.Column("actualizado_at", Timestamp, nullable=False),
+    # Delivery, from the provider's status callbacks (``cola-worker receipts``):
+    # the furthest state seen (sent < delivered < read; failed), when each was
+    # first seen, and the failure code.
+    sa.Column("entrega_estado", sa.String(16), nullable=True),
+    sa.Column("entrega_enviado_at", Timestamp, nullable=True),
+    sa.Column("entrega_entregado_at", Timestamp, nullable=True),
+    sa.Column("entrega_leido_at", Timestamp, nullable=True),
+    sa.Column("entrega_fallido_at", Timestamp, nullable=True),
+    sa.Column("entrega_codigo", sa.String(32), nullable=True),
     sa.UniqueConstraint("clave"),
     # The claim walks this index in order: WHERE estado=? AND proximo_intento_at<=?
     # ORDER BY proximo_intento_at, id. No filesort, so SKIP LOCKED locks only what it takes.
     sa.Index("ix_cola_envios_claim", "estado", "proximo_intento_at", "id"),
     sa.Index("ix_cola_envios_sesion_claim", "sesion_id", "estado", "proximo_intento_at", "id"),
     sa.Index("ix_cola_envios_ejecucion", "ejecucion_id", "estado"),
+    # Receipts match a status to its row by the provider's message id too.
+    sa.Index("ix_cola_envios_proveedor_msg_id", "proveedor_msg_id"),
 )
 
 envios_whatsapp = sa.Table(
@@ -169,4 +180,38 @@ claves_podadas = sa.Table(
     sa.Column("clave", ExactString(128), primary_key=True),
     sa.Column("podada_at", Timestamp, nullable=False),
     sa.Index("ix_claves_podadas_podada_at", "podada_at"),
+)
+
+# Delivery statuses from the providers' callbacks, each stored once per message
+# (``cola-worker receipts``). ``cola_envio_id`` is NULL for a message id we do
+# not know (acknowledged, counted, kept).
+estados_entrega = sa.Table(
+    "estados_entrega",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("proveedor", sa.String(32), nullable=False),
+    sa.Column("proveedor_msg_id", ExactString(128), nullable=False),
+    sa.Column("estado", sa.String(16), nullable=False),  # the provider's own word (sent, delivered, ...)
+    sa.Column("cola_envio_id", sa.BigInteger(), nullable=True),
+    sa.Column("codigo", sa.String(32), nullable=True),  # failure code (Meta 131026, Twilio 63016, ...)
+    sa.Column("ocurrido_at", Timestamp, nullable=True),  # the provider's timestamp, when it gives one
+    sa.Column("recibido_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("proveedor_msg_id", "estado"),
+    sa.Index("ix_estados_entrega_cola", "cola_envio_id"),
+)
+
+# Inbound messages that ask for no more messages (an opt-out word). Opt-outs
+# themselves are a later feature: this journal is what it will build on.
+solicitudes_baja = sa.Table(
+    "solicitudes_baja",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("proveedor", sa.String(32), nullable=False),
+    sa.Column("proveedor_msg_id", ExactString(128), nullable=False),  # the inbound message's id
+    sa.Column("telefono", sa.String(20), nullable=False),  # who wrote (E.164)
+    sa.Column("remitente", sa.String(64), nullable=True),  # our sender they wrote to
+    sa.Column("palabra", sa.String(32), nullable=False),
+    sa.Column("recibido_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("proveedor_msg_id"),
+    sa.Index("ix_solicitudes_baja_telefono", "telefono"),
 )

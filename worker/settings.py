@@ -133,6 +133,57 @@ OPTIONS: tuple[Option, ...] = (
         "at least --older-than-days",
         minimum=0,
     ),
+    # `cola-worker receipts`: the delivery-receipt server (docs/providers.md).
+    Option("receipts_host", "str", "127.0.0.1", "receipts: address to listen on (flag --host)"),
+    Option("receipts_port", "int", 8766, "receipts: port to listen on (flag --port)", minimum=0),
+    Option(
+        "receipts_public_url",
+        "str",
+        None,
+        "receipts: public base URL the providers call (Twilio signs it; default: the request's own)",
+    ),
+    Option(
+        "meta_app_secret",
+        "str",
+        None,
+        "Meta app secret: verifies X-Hub-Signature-256",
+        secret=True,
+        flag=False,
+    ),
+    Option(
+        "meta_verify_token",
+        "str",
+        None,
+        "token of Meta's webhook verification handshake",
+        secret=True,
+        flag=False,
+    ),
+    Option(
+        "webhook_secret",
+        "str",
+        None,
+        "HMAC key of the webhook provider's status callbacks",
+        secret=True,
+        flag=False,
+    ),
+    Option("receipts_max_body", "int", 1048576, "receipts: largest request body accepted, bytes", minimum=1),
+    Option(
+        "receipt_window",
+        "float",
+        3600.0,
+        "seconds an incierto row waits for a receipt before status and audit report it",
+        minimum=0,
+    ),
+    Option(
+        "receipt_sweep",
+        "float",
+        5.0,
+        "receipts: seconds between settle sweeps of incierto rows",
+        minimum=0.05,
+    ),
+    Option(
+        "opt_out_words", "str", "STOP,BAJA,ALTO", "inbound words that ask for no more messages (comma list)"
+    ),
 )
 
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -177,6 +228,16 @@ class Settings:
     poll_interval: float
     metrics_port: int
     keep_keys_days: float
+    receipts_host: str
+    receipts_port: int
+    receipts_public_url: str | None
+    meta_app_secret: str | None
+    meta_verify_token: str | None
+    webhook_secret: str | None
+    receipts_max_body: int
+    receipt_window: float
+    receipt_sweep: float
+    opt_out_words: str
 
     def __repr__(self) -> str:  # secrets never printed, even by accident
         parts = []

@@ -21,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from worker import db
+from worker.delivery import incierto_waiting
 from worker.errors import InputError, UsageError
 from worker.schema import (
     CANCELADA,
@@ -168,6 +169,8 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
         },
         "live_runs": live_runs,
         "dead_runs": int(dead_runs),
+        # incierto rows no delivery receipt settled within COLA_RECEIPT_WINDOW, with their age.
+        "incierto_without_receipt": incierto_waiting(conn, now, settings.receipt_window),
     }
 
 
@@ -412,6 +415,16 @@ def _footer(data: dict[str, Any]) -> list[Any]:
         )
     else:
         parts.append(Text("dead runs: 0"))
+    waiting = data.get("incierto_without_receipt")
+    if waiting and waiting["count"]:
+        ages = ", ".join(f"#{r['id']} {_fmt_age(r['age_seconds'])}" for r in waiting["rows"][:5])
+        parts.append(
+            Text(
+                f"incierto with no receipt after {_fmt_age(waiting['window_seconds'])}: {waiting['count']} "
+                f"(oldest {_fmt_age(waiting['oldest_age_seconds'])}; {ages})",
+                style="yellow",
+            )
+        )
     holder = data.get("lock_holder")
     if holder:
         parts.append(Text("lock holder: " + ", ".join(f"{k}={v}" for k, v in holder.items())))

@@ -16,6 +16,8 @@ TABLES = {
     "intentos_envio",
     "ejecuciones",
     "claves_podadas",
+    "estados_entrega",
+    "solicitudes_baja",
 }
 
 

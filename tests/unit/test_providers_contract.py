@@ -651,6 +651,16 @@ class TestTwilioProvider(ProviderContract):
         assert seen[0].headers["Authorization"] == f"Basic {expected}"
         assert "/Accounts/AC0123/" in seen[0].url.path
 
+    def test_status_callback_names_the_job_when_receipts_have_a_public_url(self) -> None:
+        seen: list[httpx.Request] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return self.ok_response(request)
+
+        self.make(handler, COLA_RECEIPTS_PUBLIC_URL="https://hooks.example.com/cola/").send(TEXT)
+        assert self.form(seen[0])["StatusCallback"] == "https://hooks.example.com/cola/twilio?job=4242"
+
 
 # -- Webhook -------------------------------------------------------------------------
 

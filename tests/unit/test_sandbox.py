@@ -106,6 +106,7 @@ FAULT_EXPECTATIONS = [
     ("fail-after", Ambiguous, True, None, None),
     ("stall-after", Ambiguous, True, None, None),
     ("reset-after", Ambiguous, True, None, None),
+    ("reset-before", Ambiguous, False, None, None),
     ("throttle", Throttled, False, "130429", "sender"),
     ("pair-throttle", Throttled, False, "131056", "recipient"),
     ("invalid", Permanent, False, "131026", None),
@@ -380,3 +381,104 @@ def test_command_line_serves_until_sigterm(tmp_path: Path, make_client: MakeClie
             proc.stderr.close()
     assert "1 accepted" in rest
     assert [json.loads(line)["job_id"] for line in ledger.read_text().splitlines()] == ["1"]
+
+
+class _Collector:
+    """A local receiver of the sandbox's status webhooks: answers 500 to the
+    first ``fail_first`` requests, then 200; keeps what it got."""
+
+    def __init__(self, fail_first: int) -> None:
+        import http.server
+        import threading
+
+        self.fail_first = fail_first
+        self.got: list[tuple[dict[str, str], bytes]] = []
+        self.lock = threading.Lock()
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with collector.lock:
+                    collector.got.append((dict(self.headers), body))
+                    status = 500 if len(collector.got) <= collector.fail_first else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/meta"
+
+    def statuses(self) -> list[dict[str, object]]:
+        import json
+
+        with self.lock:
+            got = list(self.got[self.fail_first :])
+        out: list[dict[str, object]] = []
+        for _, body in got:
+            for entry in json.loads(body)["entry"]:
+                for change in entry["changes"]:
+                    out.extend(change["value"]["statuses"])
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_status_webhooks_are_signed_complete_and_retried(
+    start_sandbox: StartSandbox, make_client: MakeClient
+) -> None:
+    from worker.web.signing import META_HEADER, verify_hmac_sha256
+
+    collector = _Collector(fail_first=2)
+    try:
+        server = start_sandbox(
+            faults=(("+51900000003", "reset-before"),),
+            receipts_url=collector.url,
+            receipts_secret="s3",
+            receipts_failed=0.5,
+            receipts_duplicate=1.0,
+            seed=3,
+        )
+        client = make_client(server)
+        results = [client.send(text(str(i), to=f"+5190000000{i}")) for i in range(1, 5)]
+        accepted = {r.message_id: str(i) for i, r in enumerate(results, start=1) if isinstance(r, Accepted)}
+        assert len(accepted) == 3  # job 3 was reset before accepting: no webhook for it
+
+        def done() -> bool:
+            stats = server.stats()["receipts"]
+            return stats["pending"] == 0 and stats["delivered"] == stats["scheduled"]
+
+        deadline = time.monotonic() + 20
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done(), server.stats()["receipts"]
+        stats = server.stats()["receipts"]
+        assert stats["retries"] >= 2 and stats["dropped"] == 0
+        with collector.lock:
+            for headers, body in collector.got:
+                assert verify_hmac_sha256("s3", body, headers[META_HEADER])
+        statuses = collector.statuses()
+        by_message: dict[object, list[object]] = {}
+        for st in statuses:
+            assert st["biz_opaque_callback_data"] == accepted[st["id"]]
+            by_message.setdefault(st["id"], []).append(st["status"])
+        assert set(by_message) == set(accepted)
+        failed = 0
+        for words in by_message.values():
+            distinct = set(words)
+            assert distinct in ({"sent", "delivered", "read"}, {"sent", "failed"}), words
+            assert len(words) == len(distinct) + 1  # every message had one status duplicated
+            failed += "failed" in distinct
+        codes = {e["code"] for st in statuses if st["status"] == "failed" for e in st["errors"]}
+        assert codes <= {131026, 131049} and bool(codes) == bool(failed)
+    finally:
+        collector.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from worker.cli import _PRUNE_ONLY, _RUN_OPTIONS, _flags, build_parser
+from worker.cli import _PRUNE_ONLY, _RECEIPTS_ONLY, _RUN_OPTIONS, _flags, build_parser
 from worker.errors import ConfigError
 from worker.settings import OPTIONS, OPTIONS_BY_NAME, Option, Settings, load_settings
 
@@ -63,7 +63,11 @@ def test_every_flag_has_its_environment_variable_and_flag_wins(opt: Option) -> N
     env_value, flag_value, expected_env, expected_flag = _two_values(opt)
     assert getattr(load_settings(environ={opt.env: env_value}), opt.name) == expected_env
     command = ["prune", "--older-than-days", "1"] if opt.name in _PRUNE_ONLY else ["run"]
-    s = from_cli([*command, opt.flag_name, flag_value], {opt.env: env_value})
+    flag = opt.flag_name
+    if opt.name in _RECEIPTS_ONLY:
+        command = ["receipts"]
+        flag = {"receipts_host": "--host", "receipts_port": "--port"}.get(opt.name, flag)
+    s = from_cli([*command, flag, flag_value], {opt.env: env_value})
     assert getattr(s, opt.name) == expected_flag
 
 
@@ -344,4 +348,4 @@ def test_run_help_names_every_variable_and_no_secret_value(tmp_path: Path) -> No
 
 
 def test_every_flagged_option_is_offered_by_run() -> None:
-    assert set(_RUN_OPTIONS) == {o.name for o in OPTIONS if o.flag} - set(_PRUNE_ONLY)
+    assert set(_RUN_OPTIONS) == {o.name for o in OPTIONS if o.flag} - set(_PRUNE_ONLY) - set(_RECEIPTS_ONLY)

@@ -98,11 +98,16 @@ def classify_twilio_error(response: httpx.Response, clean: Callable[[object], st
     return Ambiguous(text=text, code=code_text, http_status=status)
 
 
-def form_payload(request: SendRequest, default_from: str) -> dict[str, str] | Permanent:
+def form_payload(
+    request: SendRequest, default_from: str, status_callback: str | None = None
+) -> dict[str, str] | Permanent:
     form = {
         "To": whatsapp_address(request.to),
         "From": whatsapp_address(request.sender or default_from),
     }
+    if status_callback:
+        # `cola-worker receipts` matches the status to its row by this job id.
+        form["StatusCallback"] = f"{status_callback}?job={quote(request.job_id, safe='')}"
     if request.kind == "text":
         if not request.text:
             return Permanent(code=None, text="text message without a body")
@@ -130,6 +135,7 @@ class TwilioProvider(HttpProvider):
         auth_token: str,
         from_number: str,
         api_key: str | None = None,
+        status_callback: str | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         max_connections: int = 16,
@@ -145,6 +151,7 @@ class TwilioProvider(HttpProvider):
         )
         self._url = f"{base_url.rstrip('/')}/2010-04-01/Accounts/{quote(account_sid, safe='')}/Messages.json"
         self._from = from_number
+        self._status_callback = status_callback
 
     @classmethod
     def from_settings(
@@ -170,6 +177,9 @@ class TwilioProvider(HttpProvider):
             auth_token=settings.twilio_auth_token,
             from_number=settings.twilio_from,
             api_key=settings.twilio_api_key,
+            status_callback=(
+                settings.receipts_public_url.rstrip("/") + "/twilio" if settings.receipts_public_url else None
+            ),
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             max_connections=max_connections,
@@ -177,7 +187,7 @@ class TwilioProvider(HttpProvider):
         )
 
     def build_request(self, request: SendRequest) -> httpx.Request | SendResult:
-        form = form_payload(request, self._from)
+        form = form_payload(request, self._from, self._status_callback)
         if isinstance(form, Permanent):
             return form
         return self._client.build_request("POST", self._url, data=form)
