@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration acceptance bench clean
+.PHONY: demo test lint typecheck unit integration acceptance bench chaos clean
 
 DEMO_STAMP := $(VENV)/.demo-installed
 # make demo DATABASE_URL=mysql+pymysql://root@127.0.0.1/empty_db  tells the story on a server
@@ -41,6 +41,14 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# The full chaos test (tests/chaos): 10,000 messages on a private MariaDB and a
+# private PostgreSQL, each killed and restarted; prints the checker's table and
+# writes bench/results/chaos.json. `make test` runs the reduced version.
+chaos: $(STAMP)
+	rm -f bench/results/chaos.json
+	COLA_CHAOS_FULL=1 $(BIN)/pytest -q tests/chaos/test_chaos.py; status=$$?; \
+	$(BIN)/python tests/chaos/checker.py --show bench/results/chaos.json; exit $$status
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
