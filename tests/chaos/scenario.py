@@ -9,19 +9,25 @@ Topology (all on 127.0.0.1, every process started here and killed by its pid):
   apart); a slot whose run ended or was killed starts a new run shortly after;
 - cron-style runs sharing one lock file, one started every ``cron_every``
   seconds: most exit 0 at once because the lock is busy;
-- a SIGKILL every ``kill_every`` seconds to one live run, chosen at random;
+- every ``kill_every`` seconds, a SIGKILL to one run chosen at random among
+  those whose log said ``started`` at least ``min_work`` seconds ago (a tick
+  that finds none kills none): killing Python during its imports tests
+  nothing, and on a 2-core machine the restarts alone would eat the CPU;
 - the database server (private, see tests/support.py) SIGKILLed when the
-  queue is ``db_kill_at`` done, and restarted ``db_down_seconds`` later;
+  queue is ``db_kill_at`` done (or that share of ``chaos_seconds`` has
+  passed), and restarted ``db_down_seconds`` later;
 - the sandbox (``cola-worker fake-provider``, a process of its own) with fault
   rates: fail-before (500 with a temporary-error body, not accepted),
   fail-after (500 without one, accepted), stall-after (accepted, answered
   after the client's read timeout), reset-after (accepted, connection reset),
   throttle (429). Its ledger file is the truth of what was accepted.
 
-After the chaos phase every run still alive is killed, and runs are started
-(one at a time, no faults injected by the test any more; the sandbox keeps its
-rates) until every row is final or a round makes no progress; leftovers in
-``procesando``/``enviando`` are settled by a last ``recover`` after the lease.
+The chaos phase ends when every row is final or after ``chaos_seconds``;
+every run still alive is killed. Then, once the leases ran out, rounds of
+runs (several at once, ``--max-jobs`` capped, no kills; the sandbox keeps its
+fault rates) drain the queue until every row is final or four rounds make no
+progress; leftovers in ``procesando``/``enviando`` are settled by a last
+``recover`` after the lease.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def _save(result: ChaosResult) -> None:
 @pytest.mark.timeout(1800 if FULL else 600)
 @pytest.mark.parametrize("server", ["mysql", "postgresql"], indirect=True)
 def test_chaos_nothing_lost_nothing_sent_twice(
-    server: tuple[str, KillableServer | None], request: pytest.FixtureRequest, tmp_path: Path
+    server: tuple[str, KillableServer | None], tmp_path: Path
 ) -> None:
     url, killable = server
     backend = "mysql" if url.startswith("mysql") else "postgresql"
