@@ -234,7 +234,7 @@ def kill_group(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:
             pass
 
 
-# --- private database servers (DESIGN.md section 7) ------------------------------
+# --- private database servers (docs/design.md section 8) ----------------------------
 #
 # A test that kills or restarts a database uses a server of its own, started
 # here on a free port in a temporary directory, and kills only that process

@@ -1,7 +1,7 @@
 """The chaos test's checker: the sandbox's ledger (the truth of what the
 provider accepted) against the database (what the worker believes).
 
-Categories (DESIGN.md section 2, G2 and G3):
+Categories (docs/design.md section 2, G2 and G3):
 
 =============  ===========================================================  =========
 category       meaning                                                      must be 0
