@@ -249,7 +249,7 @@ class ServerUnavailable(Exception):
 
 
 def _wait_for_server(url: str, proc: subprocess.Popen[bytes], setup: Callable[[sa.Connection], None]) -> None:
-    engine = sa.create_engine(db.parse_url(url), poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -318,7 +318,7 @@ class PrivateMariaDB:
                 start_new_session=True,
             )
         _wait_for_server(
-            f"mysql+pymysql://root@127.0.0.1:{self.port}/",
+            f"mysql+pymysql://root@127.0.0.1:{self.port}/mysql",
             self.proc,
             lambda conn: conn.execute(sa.text("CREATE DATABASE IF NOT EXISTS cola")),
         )
