@@ -4,12 +4,15 @@ running the real `cola-worker` in a subprocess, reading the table back."""
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -229,3 +232,246 @@ def kill_group(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
+
+
+# --- private database servers (docs/design.md section 8) ----------------------------
+#
+# A test that kills or restarts a database uses a server of its own, started
+# here on a free port in a temporary directory, and kills only that process
+# (group), by its pid. The shared servers are never touched.
+
+MARIADBD = "/usr/sbin/mariadbd"
+
+
+class ServerUnavailable(Exception):
+    """The binaries for a private server are not installed (the caller skips,
+    or fails under COLA_TEST_REQUIRE_DB=1)."""
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen[bytes], setup: Callable[[sa.Connection], None]) -> None:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with engine.connect() as conn:
+                    setup(conn)
+                return
+            except sa.exc.OperationalError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+class PrivateMariaDB:
+    """A throwaway mariadbd on a free port, in a directory of its own.
+    ``start()`` may be called again after ``kill()``: same data directory,
+    so the restart goes through InnoDB crash recovery."""
+
+    def __init__(self, extra_args: Iterable[str] = ()) -> None:
+        if not (os.path.exists(MARIADBD) and shutil.which("mariadb-install-db")):
+            raise ServerUnavailable("mariadbd / mariadb-install-db are not installed")
+        self.extra_args = list(extra_args)
+        self.dir = Path(tempfile.mkdtemp(prefix="cola-privdb-", dir="/tmp"))
+        os.chmod(self.dir, 0o755)  # mariadbd runs as `mysql` and must reach its files
+        self.data = self.dir / "data"
+        self.run = self.dir / "run"
+        for d in (self.data, self.run):
+            d.mkdir()
+            shutil.chown(d, "mysql", "mysql")
+        subprocess.run(
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={self.data}",
+                "--user=mysql",
+                "--skip-test-db",
+                "--auth-root-authentication-method=normal",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"mysql+pymysql://root@127.0.0.1:{self.port}/cola"
+
+    def start(self) -> None:
+        with open(self.dir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    MARIADBD,
+                    "--no-defaults",
+                    f"--datadir={self.data}",
+                    f"--port={self.port}",
+                    "--bind-address=127.0.0.1",
+                    f"--socket={self.run / 'sock'}",
+                    f"--pid-file={self.run / 'pid'}",
+                    "--user=mysql",
+                    "--skip-grant-tables",
+                    "--innodb-buffer-pool-size=32M",
+                    *self.extra_args,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
+        _wait_for_server(
+            f"mysql+pymysql://root@127.0.0.1:{self.port}/mysql",
+            self.proc,
+            lambda conn: conn.execute(sa.text("CREATE DATABASE IF NOT EXISTS cola")),
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)  # only our own server, by its pid
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def postgres_bin() -> Path | None:
+    """The newest installed PostgreSQL server binaries (Debian layout)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+    return Path(found[-1]).parent if found else None
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = Path(stat).read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie no longer holds anything)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2 :].split()[0] != "Z"
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster (``initdb``) on a free port, in a
+    directory of its own. ``kill()`` SIGKILLs the postmaster and its backends
+    (a crash, not a shutdown); ``start()`` again recovers from the WAL. PostgreSQL refuses to run as
+    root: then the cluster runs as the ``postgres`` user."""
+
+    def __init__(self) -> None:
+        bindir = postgres_bin()
+        if bindir is None:
+            raise ServerUnavailable(
+                "PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are not installed"
+            )
+        self.bindir = bindir
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            self.user = "postgres"
+        self.dir = Path(tempfile.mkdtemp(prefix="cola-privpg-", dir="/tmp"))
+        os.chmod(self.dir, 0o755)
+        self.data = self.dir / "data"
+        self.run = self.dir / "run"
+        for d in (self.data, self.run):
+            d.mkdir(mode=0o700)
+            if self.user:
+                shutil.chown(d, self.user, self.user)
+        subprocess.run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            user=self.user,
+            cwd=self.dir,
+        )
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/cola"
+
+    def start(self) -> None:
+        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - closed below, the child keeps its copy
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    str(self.bindir / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    f"unix_socket_directories={self.run}",
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=32MB",
+                    "-c",
+                    "fsync=off",  # safe against a killed process (the OS keeps the writes), not a power cut
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                user=self.user,
+                cwd=self.dir,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+        def create(conn: sa.Connection) -> None:
+            if conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = 'cola'")).first() is None:
+                conn.execute(sa.text("CREATE DATABASE cola"))
+
+        _wait_for_server(f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres", self.proc, create)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every child of it (each backend makes
+        itself a process group leader, so the postmaster's group is not
+        enough): a crash of the whole server, then wait until all are gone,
+        or the restart would find the old shared memory still attached."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            os.kill(pid, signal.SIGSTOP)  # no new backend is forked meanwhile
+        except ProcessLookupError:
+            pass
+        children = _children(pid)
+        for child in children:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(child) for child in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -3,11 +3,6 @@ the test kills only a private MariaDB server of its own, by pid."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,91 +11,28 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import _skip_or_fail
-from support import free_port, run_worker, seed, start_worker, states, wait_until, worker_env
+from support import (
+    PrivateMariaDB,
+    ServerUnavailable,
+    run_worker,
+    seed,
+    start_worker,
+    states,
+    wait_until,
+    worker_env,
+)
 
 from worker import db
 from worker.sandbox import SandboxOptions, SandboxServer
 
-MARIADBD = "/usr/sbin/mariadbd"
-
-
-class PrivateMariaDB:
-    """A throwaway mariadbd on a free port, in a directory of its own."""
-
-    def __init__(self) -> None:
-        if not (os.path.exists(MARIADBD) and shutil.which("mariadb-install-db")):
-            _skip_or_fail("mariadbd / mariadb-install-db are not installed")
-        self.dir = Path(tempfile.mkdtemp(prefix="cola-privdb-", dir="/tmp"))
-        os.chmod(self.dir, 0o755)  # mariadbd runs as `mysql` and must reach its files
-        self.data = self.dir / "data"
-        self.run = self.dir / "run"
-        for d in (self.data, self.run):
-            d.mkdir()
-            shutil.chown(d, "mysql", "mysql")
-        subprocess.run(
-            [
-                "mariadb-install-db",
-                "--no-defaults",
-                f"--datadir={self.data}",
-                "--user=mysql",
-                "--skip-test-db",
-                "--auth-root-authentication-method=normal",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"mysql+pymysql://root@127.0.0.1:{self.port}/cola"
-
-    def start(self) -> None:
-        with open(self.dir / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    MARIADBD,
-                    "--no-defaults",
-                    f"--datadir={self.data}",
-                    f"--port={self.port}",
-                    "--bind-address=127.0.0.1",
-                    f"--socket={self.run / 'sock'}",
-                    f"--pid-file={self.run / 'pid'}",
-                    "--user=mysql",
-                    "--skip-grant-tables",
-                    "--innodb-buffer-pool-size=32M",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        admin = db.parse_url(f"mysql+pymysql://root@127.0.0.1:{self.port}/")
-        engine = sa.create_engine(admin, poolclass=sa.pool.NullPool)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with engine.connect() as conn:
-                        conn.execute(sa.text("CREATE DATABASE IF NOT EXISTS cola"))
-                    return
-                except sa.exc.OperationalError:
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise
-                    time.sleep(0.2)
-        finally:
-            engine.dispose()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)  # only our own server, by its pid
-        self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 @pytest.fixture
 def private_mariadb() -> Iterator[PrivateMariaDB]:
-    server = PrivateMariaDB()
+    try:
+        server = PrivateMariaDB()
+    except ServerUnavailable as exc:
+        _skip_or_fail(str(exc))
+        raise
     try:
         server.start()
         yield server
