@@ -329,9 +329,18 @@ def translate_error(exc: BaseException) -> BaseException:
         or "timeout expired" in text
         or "name or service not known" in text
         or "unable to open database file" in text
+        or _pg_sqlstate(exc) in _PG_CONNECTION_LOST
+        or "server closed the connection" in text
+        or "terminating connection" in text
+        or "connection is closed" in text
+        or "connection is lost" in text
     ):
         return DatabaseUnreachable(f"database unreachable: {_safe(exc)}")
     return exc
+
+
+# The server went away under an open connection: shutdown, crash, lost link.
+_PG_CONNECTION_LOST = frozenset({"57P01", "57P02", "57P03", "08000", "08003", "08006"})
 
 
 def _safe(exc: BaseException) -> str:
