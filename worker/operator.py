@@ -506,7 +506,7 @@ def command_resume(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def command_recover(args: argparse.Namespace, settings: Settings) -> int:
-    rec = _with_engine(settings, lambda engine: QueueRepository(engine).recover(settings.lease_seconds))
+    rec = _with_engine(settings, lambda engine: QueueRepository(engine).recover())
     out = {"dead_runs": rec.runs, "requeued": rec.requeued, "incierto": rec.uncertain}
     _print(
         args,

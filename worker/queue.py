@@ -15,12 +15,13 @@ that matches 0 rows means the run lost the row.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -42,6 +43,9 @@ from worker.schema import (
     sesiones_envio,
 )
 
+if TYPE_CHECKING:
+    from worker.spool import SpoolEntry
+
 logger = logging.getLogger(__name__)
 
 c = cola_envios.c
@@ -56,6 +60,21 @@ RUN_ACTIVE = "activa"
 RUN_FINISHED = "terminada"
 RUN_FAILED = "fallida"
 RUN_DEAD = "muerta"
+
+# error_codigo of a row that recovery made `incierto` (its run died in flight).
+RUN_DIED = "run_died"
+
+# intentos_envio.origen of an answer replayed from the local outcome spool.
+ORIGIN_SPOOL = "spool"
+
+# The journal's outcome name of a fenced row whose request never went out
+# (its fence could not be confirmed): definitely not sent, no journal row.
+NOT_SENT = "not_sent"
+
+# What recording one attempt did.
+WRITTEN = "written"
+ALREADY = "already"
+LOST = "lost"
 
 
 class LeaseLost(Exception):
@@ -92,6 +111,14 @@ class Recovered:
     runs: int
     requeued: int  # procesando -> pendiente
     uncertain: int  # enviando -> incierto
+    skipped: int = 0  # locked by another session: left to a later recovery
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    applied: int  # rows that got their recorded outcome
+    already: int  # answers the database already had
+    stale: int  # rows no longer in that attempt: journaled only
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +174,21 @@ class QueueRepository:
 
     # --- runs ---------------------------------------------------------------
 
-    def register_run(self, host: str, pid: int, mode: str) -> int:
+    def register_run(self, host: str, pid: int, mode: str, lease_seconds: float = 300.0) -> int:
+        """A new live run. Its lease is stored with it: recovery judges the run
+        by its own lease, whatever lease the recovering process was given."""
+
         def tx(conn: Connection) -> int:
             now = db.db_now(conn)
             res = conn.execute(
                 ejecuciones.insert().values(
-                    host=host[:255], pid=pid, modo=mode, iniciada_at=now, latido_at=now, estado=RUN_ACTIVE
+                    host=host[:255],
+                    pid=pid,
+                    modo=mode,
+                    iniciada_at=now,
+                    latido_at=now,
+                    estado=RUN_ACTIVE,
+                    lease_segundos=lease_seconds,
                 )
             )
             pk = res.inserted_primary_key
@@ -176,16 +212,19 @@ class QueueRepository:
 
         return db.transaction(self.engine, tx)
 
-    def finish_run(self, run_id: int, estado: str, counts: dict[str, int]) -> None:
-        def tx(conn: Connection) -> None:
+    def finish_run(self, run_id: int, estado: str, counts: dict[str, int]) -> bool:
+        """False when a recovery had declared the run dead before it finished."""
+
+        def tx(conn: Connection) -> bool:
             now = db.db_now(conn)
-            conn.execute(
+            res = conn.execute(
                 ejecuciones.update()
                 .where(e.id == run_id, e.finalizada_at.is_(None))
                 .values(finalizada_at=now, latido_at=now, estado=estado, **counts)
             )
+            return res.rowcount == 1
 
-        db.transaction(self.engine, tx)
+        return db.transaction(self.engine, tx)
 
     def db_clock_offset(self) -> dt.timedelta:
         """Database clock minus this host's UTC clock."""
@@ -194,43 +233,94 @@ class QueueRepository:
 
     # --- recovery -----------------------------------------------------------
 
-    def recover(self, lease_seconds: float) -> Recovered:
-        """Rows of runs silent for longer than the lease (on the database's
-        clock): ``procesando -> pendiente`` (nothing was sent), ``enviando ->
-        incierto`` (maybe sent). A live run's rows are never taken: the run is
-        first marked dead with an UPDATE guarded by its heartbeat age, and only
-        rows of runs so marked (or already finished) are touched."""
+    def recover(self) -> Recovered:
+        """Rows of runs silent for longer than their own lease (stored with
+        each run; compared on the database's clock): ``procesando ->
+        pendiente`` (nothing was sent), ``enviando -> incierto`` (maybe sent).
+        A live run's rows are never taken: the run is first marked dead with
+        an UPDATE guarded by its heartbeat age, and only rows of runs so marked
+        (or already finished) are touched."""
 
         def tx(conn: Connection) -> Recovered:
             now = db.db_now(conn)
-            cutoff = now - dt.timedelta(seconds=lease_seconds)
-            dead = conn.execute(
-                ejecuciones.update()
-                .where(e.finalizada_at.is_(None), e.estado == RUN_ACTIVE, e.latido_at < cutoff)
-                .values(estado=RUN_DEAD, finalizada_at=now)
-            ).rowcount
-            # Owners that are not live: dead (now or before) or finished.
-            not_live = sa.select(e.id).where(e.estado != RUN_ACTIVE).scalar_subquery()
-            orphan = sa.or_(c.ejecucion_id.is_(None), c.ejecucion_id.in_(not_live))
-            requeued = conn.execute(
-                cola_envios.update()
-                .where(c.estado == PROCESANDO, orphan)
-                .values(estado=PENDIENTE, claim_token=None, ejecucion_id=None, actualizado_at=now)
-            ).rowcount
-            uncertain = conn.execute(
-                cola_envios.update()
-                .where(c.estado == ENVIANDO, orphan)
-                .values(
-                    estado=INCIERTO,
-                    claim_token=None,
-                    error_codigo="run_died",
-                    error_texto="the run died between the request and recording its answer",
-                    actualizado_at=now,
-                )
-            ).rowcount
-            return Recovered(runs=dead, requeued=requeued, uncertain=uncertain)
+            dead = self._mark_dead_runs(conn, now)
+            in_flight = (PROCESANDO, ENVIANDO)
+            # Owners of claimed rows that are not live: dead (now or before),
+            # finished, or gone. Read without locks; a run is never live again.
+            owners = {
+                r[0]
+                for r in conn.execute(sa.select(c.ejecucion_id).where(c.estado.in_(in_flight)).distinct())
+            }
+            known = [o for o in owners if o is not None]
+            live = (
+                {
+                    int(r[0])
+                    for r in conn.execute(sa.select(e.id).where(e.id.in_(known), e.estado == RUN_ACTIVE))
+                }
+                if known
+                else set()
+            )
+            gone = [o for o in known if o not in live]
+            if not gone and None not in owners:
+                return Recovered(runs=dead, requeued=0, uncertain=0)
+            orphan = sa.or_(c.ejecucion_id.is_(None), c.ejecucion_id.in_(gone))
+            # SKIP LOCKED: a row held by another session (an operator's open
+            # transaction) must not stall the start of every run; the next
+            # recovery takes it once the lock goes.
+            taken = conn.execute(
+                sa.select(c.id, c.estado)
+                .where(c.estado.in_(in_flight), orphan)
+                .with_for_update(skip_locked=True)
+            ).all()
+            back = [int(r[0]) for r in taken if r[1] == PROCESANDO]
+            maybe_sent = [int(r[0]) for r in taken if r[1] == ENVIANDO]
+            skipped = conn.execute(
+                sa.select(sa.func.count()).select_from(cola_envios).where(c.estado.in_(in_flight), orphan)
+            ).scalar_one() - len(taken)
+            requeued = uncertain = 0
+            for chunk in _chunks(back):
+                requeued += conn.execute(
+                    cola_envios.update()
+                    .where(c.id.in_(chunk), c.estado == PROCESANDO, orphan)
+                    .values(estado=PENDIENTE, claim_token=None, ejecucion_id=None, actualizado_at=now)
+                ).rowcount
+            for chunk in _chunks(maybe_sent):
+                # The claim token stays: the answer of that attempt, if it comes
+                # (late, or from the outcome spool), still settles the row.
+                uncertain += conn.execute(
+                    cola_envios.update()
+                    .where(c.id.in_(chunk), c.estado == ENVIANDO, orphan)
+                    .values(
+                        estado=INCIERTO,
+                        error_codigo=RUN_DIED,
+                        error_texto="the run died between the request and recording its answer",
+                        actualizado_at=now,
+                    )
+                ).rowcount
+            return Recovered(runs=dead, requeued=requeued, uncertain=uncertain, skipped=max(0, int(skipped)))
 
         return db.transaction(self.engine, tx)
+
+    @staticmethod
+    def _mark_dead_runs(conn: Connection, now: dt.datetime) -> int:
+        """Mark dead every live run whose heartbeat is older than its own lease."""
+        silent = conn.execute(
+            sa.select(e.id, e.latido_at, e.lease_segundos).where(
+                e.finalizada_at.is_(None), e.estado == RUN_ACTIVE
+            )
+        ).all()
+        dead = 0
+        for run_id, latido_at, lease in silent:
+            cutoff = now - dt.timedelta(seconds=float(lease))
+            if latido_at >= cutoff:
+                continue
+            # Guarded again in the UPDATE: a heartbeat committed meanwhile keeps the run alive.
+            dead += conn.execute(
+                ejecuciones.update()
+                .where(e.id == run_id, e.estado == RUN_ACTIVE, e.latido_at < cutoff)
+                .values(estado=RUN_DEAD, finalizada_at=now)
+            ).rowcount
+        return dead
 
     # --- claim --------------------------------------------------------------
 
@@ -374,63 +464,129 @@ class QueueRepository:
 
     # --- outcomes -----------------------------------------------------------
 
-    def record(self, run_id: int, provider: str, attempts: Sequence[Attempt]) -> list[bool]:
+    def record(
+        self, run_id: int, provider: str, attempts: Sequence[Attempt], *, origen: str | None = None
+    ) -> list[bool]:
         """Write provider answers, many in one transaction (one commit for a
         whole group of completed sends). Each row update is conditional on its
-        token and ``enviando``; the attempt journal is written either way (it
-        records what the provider did, even for a row we lost). Returns, per
-        attempt, whether the row was still ours."""
+        token and ``enviando`` (or ``incierto`` because a recovery declared
+        the run dead meanwhile: the answer of that very attempt settles it);
+        the attempt journal is written either way (it records what the
+        provider did, even for a row we lost). Idempotent: an attempt already
+        in the journal is not written again, so a write whose COMMIT looked
+        failed can simply be retried. ``origen`` goes to the journal (``spool``
+        for a replayed answer). Returns, per attempt, whether the row was
+        still ours."""
         if not attempts:
             return []
 
         def tx(conn: Connection) -> list[bool]:
-            now = db.db_now(conn)
-            owned: list[bool] = []
-            ledger: list[dict[str, Any]] = []
-            journal: list[dict[str, Any]] = []
-            for a in attempts:
-                matched = conn.execute(
-                    cola_envios.update()
-                    .where(c.id == a.row.id, c.claim_token == a.token, c.estado == ENVIANDO)
-                    .values(**_outcome_values(a, provider, now))
-                ).rowcount
-                if matched == 0 and self._already_recorded(conn, run_id, a):
-                    # Written by an earlier try whose COMMIT looked failed but was not.
-                    owned.append(True)
-                    continue
-                owned.append(matched == 1)
-                if matched == 1 and a.outcome.estado == ENVIADO:
-                    ledger.append(
-                        {
-                            "cola_envio_id": a.row.id,
-                            "sesion_id": a.row.sesion_id,
-                            "cliente_id": a.row.cliente_id,
-                            "telefono": a.row.telefono,
-                            "proveedor": provider,
-                            "proveedor_msg_id": _clip(a.outcome.message_id, MSG_ID_LEN),
-                            "fecha_envio": now,
-                        }
-                    )
-                journal.append(
-                    {
-                        "cola_envio_id": a.row.id,
-                        "ejecucion_id": run_id,
-                        "inicio_at": a.started_at,
-                        "fin_at": now,
-                        "resultado": a.outcome.resultado,
-                        "http_status": a.outcome.http_status,
-                        "codigo": _clip(a.outcome.code, CODE_LEN),
-                        "latencia_ms": a.latency_ms,
-                        "proveedor_msg_id": _clip(a.outcome.message_id, MSG_ID_LEN),
-                    }
-                )
-            if ledger:
-                conn.execute(envios_whatsapp.insert(), ledger)
-            if journal:
-                conn.execute(intentos_envio.insert(), journal)
-            return owned
+            return [w != LOST for w in self._record(conn, run_id, provider, attempts, origen)]
 
         return db.transaction(self.engine, tx)
+
+    def replay(self, entries: Sequence[SpoolEntry]) -> Replayed:
+        """Record answers read back from the local outcome spool (a run that
+        could not record them, e.g. because the database was down), in one
+        transaction. A row still in that attempt (same claim token, still
+        ``enviando``, or ``incierto`` because its run was declared dead) gets
+        the recorded outcome, as the run would have written it; the journal
+        row says ``origen='spool'``. Answers already recorded are skipped."""
+        if not entries:
+            return Replayed(0, 0, 0)
+
+        def tx(conn: Connection) -> Replayed:
+            ids = sorted({en.job_id for en in entries})
+            found: dict[int, ClaimedRow] = {}
+            for chunk in _chunks(ids):
+                for r in conn.execute(sa.select(*_ROW_COLUMNS).where(c.id.in_(chunk))):
+                    found[int(r.id)] = _row(r)
+            groups: dict[tuple[int, str], list[Attempt]] = {}
+            for en in entries:
+                row = found.get(en.job_id) or ClaimedRow(en.job_id, 0, "", None, "", None, "text", {}, 0, 0)
+                attempt = Attempt(
+                    dataclasses.replace(row, intentos=en.intentos),
+                    en.token,
+                    en.outcome,
+                    en.started_at,
+                    en.latency_ms,
+                )
+                groups.setdefault((en.run_id, en.provider), []).append(attempt)
+            counts = {WRITTEN: 0, ALREADY: 0, LOST: 0}
+            for (run_id, provider), attempts in groups.items():
+                for w in self._record(conn, run_id, provider, attempts, ORIGIN_SPOOL):
+                    counts[w] += 1
+            return Replayed(applied=counts[WRITTEN], already=counts[ALREADY], stale=counts[LOST])
+
+        return db.transaction(self.engine, tx)
+
+    def _record(
+        self, conn: Connection, run_id: int, provider: str, attempts: Sequence[Attempt], origen: str | None
+    ) -> list[str]:
+        """The body of :meth:`record`: per attempt WRITTEN, ALREADY (an
+        earlier write committed it) or LOST (the row is in another attempt;
+        only the journal is written)."""
+        now = db.db_now(conn)
+        owned: list[str] = []
+        ledger: list[dict[str, Any]] = []
+        journal: list[dict[str, Any]] = []
+        for a in attempts:
+            values = _outcome_values(a, provider, now)
+            matched = conn.execute(
+                cola_envios.update()
+                .where(c.id == a.row.id, c.claim_token == a.token, c.estado == ENVIANDO)
+                .values(**values)
+            ).rowcount
+            sent = a.outcome.resultado != NOT_SENT
+            if matched == 0 and sent and self._already_recorded(conn, run_id, a):
+                # Written by an earlier try whose COMMIT looked failed but was not.
+                owned.append(ALREADY)
+                continue
+            if matched == 0:
+                matched = conn.execute(
+                    cola_envios.update()
+                    .where(
+                        c.id == a.row.id,
+                        c.claim_token == a.token,
+                        c.estado == INCIERTO,
+                        c.error_codigo == RUN_DIED,
+                    )
+                    .values(**values)
+                ).rowcount
+            owned.append(WRITTEN if matched == 1 else LOST)
+            if not sent:  # no provider call: nothing for the journal
+                continue
+            if matched == 1 and a.outcome.estado == ENVIADO:
+                ledger.append(
+                    {
+                        "cola_envio_id": a.row.id,
+                        "sesion_id": a.row.sesion_id,
+                        "cliente_id": a.row.cliente_id,
+                        "telefono": a.row.telefono,
+                        "proveedor": provider,
+                        "proveedor_msg_id": _clip(a.outcome.message_id, MSG_ID_LEN),
+                        "fecha_envio": now,
+                    }
+                )
+            journal.append(
+                {
+                    "cola_envio_id": a.row.id,
+                    "ejecucion_id": run_id,
+                    "inicio_at": a.started_at,
+                    "fin_at": now,
+                    "resultado": a.outcome.resultado,
+                    "http_status": a.outcome.http_status,
+                    "codigo": _clip(a.outcome.code, CODE_LEN),
+                    "latencia_ms": a.latency_ms,
+                    "proveedor_msg_id": _clip(a.outcome.message_id, MSG_ID_LEN),
+                    "origen": origen,
+                }
+            )
+        if ledger:
+            conn.execute(envios_whatsapp.insert(), ledger)
+        if journal:
+            conn.execute(intentos_envio.insert(), journal)
+        return owned
 
     @staticmethod
     def _already_recorded(conn: Connection, run_id: int, a: Attempt) -> bool:
@@ -488,6 +644,10 @@ def _outcome_values(a: Attempt, provider: str, now: dt.datetime) -> dict[str, An
             proveedor=provider, error_codigo=_clip(outcome.code, CODE_LEN), error_texto=_clip(outcome.text)
         )
     return values
+
+
+def _chunks(ids: Sequence[int], size: int = 500) -> list[list[int]]:
+    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
 
 
 def _clip(text: str | None, limit: int = 1000) -> str | None:

@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -45,6 +46,7 @@ from worker.providers.base import (
     Throttled,
 )
 from worker.queue import (
+    NOT_SENT,
     RUN_FAILED,
     RUN_FINISHED,
     Attempt,
@@ -56,6 +58,7 @@ from worker.queue import (
 from worker.retry import RetryPolicy
 from worker.schema import ENVIADO, ERROR, INCIERTO, PENDIENTE
 from worker.settings import Settings
+from worker.spool import OutcomeSpool, SpoolEntry, spool_path
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +186,13 @@ def outcome_label(outcome: Outcome) -> str:
         detail = f"{outcome.resultado}: {reason}" if reason else outcome.resultado
         return f"pendiente ({detail}, next in {outcome.delay or 0:.0f}s)"
     return f"{outcome.estado} ({reason})" if reason else outcome.estado
+
+
+def _describe(exc: BaseException) -> str:
+    """A database error in one line (the driver's message; never parameters)."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()[0][:200] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
 
 
 def customer_label(row: ClaimedRow) -> str:
@@ -351,6 +361,7 @@ class Runner:
     mode: str = "run"
     stop_event: threading.Event = field(default_factory=threading.Event)
     clock: Any = time.monotonic
+    spool: OutcomeSpool | None = None  # the local outcome spool (None: answers go straight to the db)
 
     def __post_init__(self) -> None:
         self.policy = RetryPolicy(self.settings.backoff_base, self.settings.backoff_max)
@@ -370,13 +381,18 @@ class Runner:
         self.heartbeat_withheld = False
         self._signalled = False
         self._provider_raised: str | None = None
+        self._last_beat = 0.0  # clock() of the last committed heartbeat (or the registration)
+        self._unrecorded = 0  # answers this run gave up recording (kept in the spool)
 
     # --- the run ------------------------------------------------------------
 
     def execute(self) -> RunResult:
         s = self.settings
-        self.run_id = self.repo.register_run(socket.gethostname(), os.getpid(), self.mode)
+        self.run_id = self.repo.register_run(
+            socket.gethostname(), os.getpid(), self.mode, lease_seconds=s.lease_seconds
+        )
         self._offset = self.repo.db_clock_offset()
+        self._last_beat = self.clock()
         logger.info(
             "run %s started: pid %s, host %s, provider %s, max-jobs %s, max-seconds %g, concurrency %s, "
             "rate %g/s, pair interval %gs, lease %gs",
@@ -396,6 +412,7 @@ class Runner:
         heartbeat.start()
         estado = RUN_FAILED
         try:
+            self._replay_spool()
             self._recover()
             self._dispatch()
             estado = RUN_FINISHED
@@ -403,7 +420,16 @@ class Runner:
             self.stop_event.set()
             self._hb_stop.set()
             heartbeat.join(timeout=5)
-            self.repo.finish_run(self.run_id, estado, self.counts.as_db())
+            if self._unrecorded:
+                logger.error(
+                    "could not record the answers of %d message(s) before this run's lease ran out: "
+                    "they are kept in the outcome spool %s and the next run on this host records them",
+                    self._unrecorded,
+                    self.spool.path if self.spool is not None else "(none)",
+                    extra={"action": "record_error"},
+                )
+            if not self.repo.finish_run(self.run_id, estado, self.counts.as_db()):
+                self._lost_lease = True
         code = 0
         if self._blocked is not None:
             code = SenderBlockedError.exit_code
@@ -450,14 +476,36 @@ class Runner:
             )
         return result
 
+    def _replay_spool(self) -> None:
+        """Answers a previous run on this host could not record: record them
+        first (before recovery would call their rows `incierto`)."""
+        if self.spool is None:
+            return
+        entries = self.spool.pending()
+        if not entries:
+            return
+        done = self.repo.replay(entries)
+        self.spool.clear()
+        logger.warning(
+            "outcome spool %s: replayed %d answer(s) a previous run could not record: %d row(s) settled, "
+            "%d already recorded, %d no longer in that attempt (journaled only)",
+            self.spool.path,
+            len(entries),
+            done.applied,
+            done.already,
+            done.stale,
+            extra={"action": "spool_replay", "run": self.run_id},
+        )
+
     def _recover(self) -> None:
-        rec = self.repo.recover(self.settings.lease_seconds)
-        if rec.runs or rec.requeued or rec.uncertain:
+        rec = self.repo.recover()
+        if rec.runs or rec.requeued or rec.uncertain or rec.skipped:
             logger.warning(
-                "recovered %d dead run(s): %d row(s) back to pendiente, %d to incierto",
+                "recovered %d dead run(s): %d row(s) back to pendiente, %d to incierto%s",
                 rec.runs,
                 rec.requeued,
                 rec.uncertain,
+                f", {rec.skipped} locked by another session left for a later recovery" if rec.skipped else "",
                 extra={"action": "recover"},
             )
 
@@ -474,7 +522,9 @@ class Runner:
             if not self._progressing():
                 continue  # no renewal: after the lease a recovery may take this run's rows
             try:
+                beat_at = self.clock()
                 alive = self.repo.heartbeat(self.run_id, self.counts.as_db())  # status shows live counts
+                self._last_beat = beat_at
                 if alive and beats % 2 == 0:
                     # A long run (or --loop) keeps recovering runs that die meanwhile.
                     self._recover()
@@ -535,9 +585,7 @@ class Runner:
             "fence", self._fence_group, watch=self.writes
         )
         self._recorder: GroupCommit[Attempt, bool] = GroupCommit(
-            "record",
-            lambda attempts: self.repo.record(self.run_id, self.provider_name, attempts),
-            watch=self.writes,
+            "record", self._record_group, watch=self.writes
         )
         try:
             while True:
@@ -689,6 +737,71 @@ class Runner:
         fenced, expired = self.repo.fence(items)
         return ["fenced" if i in fenced else "expired" if i in expired else "lost" for i, _ in items]
 
+    def _record_group(self, attempts: list[Attempt]) -> list[bool]:
+        """The answers completed meanwhile: to the spool (fsync'ed), then one transaction."""
+        if self.spool is None:
+            return self.repo.record(self.run_id, self.provider_name, attempts)
+        self.spool.append(
+            SpoolEntry(
+                a.row.id,
+                a.token,
+                self.run_id,
+                self.provider_name,
+                a.started_at,
+                a.latency_ms,
+                a.row.intentos,
+                a.outcome,
+            )
+            for a in attempts
+        )
+        owned = self.repo.record(self.run_id, self.provider_name, attempts)
+        self.spool.recorded([(a.row.id, a.token) for a in attempts])
+        return owned
+
+    def _spool_not_sent(self, row: ClaimedRow, token: str) -> None:
+        """The fence may have committed although it looked failed: if the row
+        is `enviando` under our token, no request ever went out for it. Say so
+        in the spool, so the next run puts it back to `pendiente` instead of
+        recovery calling it `incierto`."""
+        if self.spool is None:
+            return
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None) + self._offset
+        outcome = Outcome(PENDIENTE, NOT_SENT, False)
+        entry = SpoolEntry(row.id, token, self.run_id, self.provider_name, now, 0, row.intentos, outcome)
+        try:
+            self.spool.append([entry])
+        except OSError:
+            logger.exception("could not write the outcome spool", extra={"action": "spool"})
+
+    def _until_written(self, what: str, job: int, write: Callable[[], Out]) -> Out:
+        """Retry a fence or a record (both idempotent under the row's claim
+        token) with backoff until it succeeds or this run's lease is about to
+        run out (then raise: the run stops, exit 1)."""
+        lease = self.settings.lease_seconds
+        delay = 0.05
+        first_failure: float | None = None
+        while True:
+            try:
+                return write()
+            except Exception as exc:
+                now = self.clock()
+                if first_failure is None:
+                    first_failure = now
+                give_up_at = min(self._last_beat + 0.8 * lease, first_failure + lease)
+                if now >= give_up_at:
+                    raise
+                logger.log(
+                    logging.WARNING if delay <= 0.05 else logging.DEBUG,  # once per row, not per try
+                    "%s of row %s failed (%s): retrying for up to %.1fs more",
+                    what,
+                    job,
+                    _describe(exc),
+                    give_up_at - now,
+                    extra={"action": f"{what}_retry", "job": str(job)},
+                )
+                time.sleep(min(delay * random.uniform(0.5, 1.0), max(0.0, give_up_at - now)))
+                delay = min(delay * 2, 1.0)
+
     # --- one message --------------------------------------------------------
 
     def _send_one(self, row: ClaimedRow, token: str) -> _Sent:
@@ -699,9 +812,17 @@ class Runner:
             request = None
             bad_payload = f"invalid payload: {type(exc).__name__}"
         try:
-            fence = self._fencer((row.id, token))
+            fence = self._until_written("fence", row.id, lambda: self._fencer((row.id, token)))
         except Exception as exc:
-            logger.exception("fence failed", extra={"action": "fence_error", "job": str(row.id)})
+            logger.error(
+                "fence of row %s failed until the run's lease was about to run out (%s): not sent; stopping",
+                row.id,
+                _describe(exc),
+                exc_info=_traceback_wanted(),
+                extra={"action": "fence_error", "job": str(row.id)},
+            )
+            self._spool_not_sent(row, token)
+            self.stop_event.set()
             return _Sent(row, None, None, 0, False, error=exc, fence="error")
         if fence != "fenced":
             return _Sent(row, None, None, 0, False, fence=fence)
@@ -735,18 +856,23 @@ class Runner:
         latency_ms = int((time.monotonic() - t0) * 1000)
         outcome = classify(result, row, self.policy, self.settings.pair_interval)
         crash_point("after-answer", row.id)
+        attempt = Attempt(row, token, outcome, started_at, latency_ms)
         try:
-            owned = self._recorder(Attempt(row, token, outcome, started_at, latency_ms))
+            owned = self._until_written("record", row.id, lambda: self._recorder(attempt))
         except Exception as exc:
-            # The row stays `enviando`: recovery will make it `incierto`.
+            # The row stays `enviando`; its answer stays in the spool for the
+            # next run on this host (else recovery will make it `incierto`).
             logger.error(
-                "could not record the outcome of row %s (%s: %s): it stays enviando until a recovery",
+                "could not record the outcome of row %s until the run's lease was about to run out (%s): "
+                "stopping",
                 row.id,
-                type(exc).__name__,
-                str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                _describe(exc),
                 exc_info=_traceback_wanted(),
                 extra={"action": "record_error", "job": str(row.id)},
             )
+            with self._count_lock:
+                self._unrecorded += 1
+            self.stop_event.set()
             return _Sent(row, outcome, result, latency_ms, False, exc)
         crash_point("after-record", row.id)
         return _Sent(row, outcome, result, latency_ms, owned)
@@ -937,6 +1063,8 @@ def command_run(args: argparse.Namespace, settings: Settings) -> int:
                 "(nothing is ever marked sent by accident)"
             )
         provider = build_provider(settings, max_connections=settings.concurrency)
+        # Next to the lock file we hold: one run on this host uses it at a time.
+        spool = OutcomeSpool(spool_path(settings.lock_file))
         try:
             runner = Runner(
                 settings,
@@ -945,6 +1073,7 @@ def command_run(args: argparse.Namespace, settings: Settings) -> int:
                 settings.provider,
                 session_id=session_id,
                 mode="loop" if args.loop else "run",
+                spool=spool,
             )
             _install_signal_handlers(runner)
             metrics = None
@@ -959,6 +1088,7 @@ def command_run(args: argparse.Namespace, settings: Settings) -> int:
                 if metrics is not None:
                     metrics.stop()
         finally:
+            spool.close()
             provider.close()
         if result.sender_blocked is not None:
             raise SenderBlockedError(
