@@ -217,12 +217,13 @@ class QueueRepository:
 
         def tx(conn: Connection) -> bool:
             now = db.db_now(conn)
-            res = conn.execute(
+            conn.execute(
                 ejecuciones.update()
                 .where(e.id == run_id, e.finalizada_at.is_(None))
                 .values(finalizada_at=now, latido_at=now, estado=estado, **counts)
             )
-            return res.rowcount == 1
+            final = conn.execute(sa.select(e.estado).where(e.id == run_id)).scalar_one_or_none()
+            return final != RUN_DEAD
 
         return db.transaction(self.engine, tx)
 

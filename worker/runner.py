@@ -488,7 +488,7 @@ class Runner:
         self.spool.clear()
         logger.warning(
             "outcome spool %s: replayed %d answer(s) a previous run could not record: %d row(s) settled, "
-            "%d already recorded, %d no longer in that attempt (journaled only)",
+            "%d already recorded, %d no longer in that attempt (left alone)",
             self.spool.path,
             len(entries),
             done.applied,

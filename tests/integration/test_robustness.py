@@ -52,7 +52,7 @@ def test_loop_recovers_a_run_that_dies_while_it_is_up(sqlite_db_url: str, tmp_pa
             ids = seed(sqlite_db_url, 2, session="orphans", session_state="pausada")
             engine = db.create_engine(sqlite_db_url)
             try:
-                dead = QueueRepository(engine).register_run("other", 1, "run")
+                dead = QueueRepository(engine).register_run("other", 1, "run", lease_seconds=1)
             finally:
                 engine.dispose()
             execute(

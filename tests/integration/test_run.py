@@ -307,18 +307,19 @@ def test_sigkill_mid_batch_then_recovery(db_url: str, tmp_path: Path) -> None:
     server = make_sandbox(latency_ms=1500)
     try:
         seed(db_url, 6)
-        env = env_for(db_url, tmp_path, server, concurrency=2, lease_seconds=2)
+        env = env_for(db_url, tmp_path, server, concurrency=2, lease_seconds=6)
         proc = start_worker(env, "run", log=tmp_path / "killed.log")
         assert wait_until(lambda: states(db_url)["enviando"] == 2, timeout=20)
         kill_group(proc, signal.SIGKILL)
         proc.wait(timeout=10)
         before = states(db_url)
         assert before["enviando"] == 2 and before["procesando"] == 4
-        # A second run inside the lease does not touch the dead run's rows.
-        quick = env_for(db_url, tmp_path, server, lease_seconds=60)
+        # A recovery inside the dead run's own lease does not touch its rows
+        # (whatever the lease of the process that recovers).
+        quick = env_for(db_url, tmp_path, server, lease_seconds=1)
         assert run_worker(quick, "recover").returncode == 0
         assert states(db_url) == before
-        time.sleep(2.5)
+        time.sleep(6.5)
         proc2 = run_worker(env, "run", timeout=60)
         assert proc2.returncode == 0, proc2.stderr
         assert "recovered 1 dead run(s): 4 row(s) back to pendiente, 2 to incierto" in proc2.stderr
@@ -382,9 +383,9 @@ def test_recovery_never_takes_a_live_runs_rows(db_url: str, tmp_path: Path) -> N
     dialect = "sqlite" if url.startswith("sqlite") else ("postgresql" if "postgres" in url else "mysql")
     execute(
         url,
-        "INSERT INTO ejecuciones (host, pid, modo, iniciada_at, latido_at, estado, reclamados, enviados, "
-        f"errores, inciertos, reintentos) VALUES ('h', 1, 'run', {now_sql[dialect]}, {now_sql[dialect]}, "
-        "'activa', 0, 0, 0, 0, 0)",
+        "INSERT INTO ejecuciones (host, pid, modo, iniciada_at, latido_at, estado, lease_segundos, "
+        f"reclamados, enviados, errores, inciertos, reintentos) VALUES ('h', 1, 'run', {now_sql[dialect]}, "
+        f"{now_sql[dialect]}, 'activa', 60, 0, 0, 0, 0, 0)",
     )
     run_id = scalar(url, "SELECT MAX(id) FROM ejecuciones")
     execute(
@@ -399,10 +400,12 @@ def test_recovery_never_takes_a_live_runs_rows(db_url: str, tmp_path: Path) -> N
         r=run_id,
         i=ids[1],
     )
-    env = worker_env(url, tmp_path, lease_seconds=5)
+    env = worker_env(url, tmp_path, lease_seconds=1)  # the run's own lease (60 s) decides
+    time.sleep(1.2)
     assert run_worker(env, "recover").returncode == 0
     assert states(url) == Counter({"procesando": 1, "enviando": 1})
-    time.sleep(5.2)
+    # Silent for longer than its own lease now.
+    execute(url, "UPDATE ejecuciones SET latido_at = :t WHERE id = :r", t=dt.datetime(2000, 1, 1), r=run_id)
     proc = run_worker(env, "recover", "--json")
     assert proc.returncode == 0, proc.stderr
     assert '"requeued": 1' in proc.stdout and '"incierto": 1' in proc.stdout
