@@ -1,6 +1,8 @@
 """G1 at the record stage: a run frozen (SIGSTOP) past its lease loses its rows
-to a recovery and another run; resumed (SIGCONT), it writes nothing over them,
-sends nothing twice, and exits 1 saying it lost rows."""
+to a recovery and another run; resumed (SIGCONT), it writes nothing over the
+rows another run took, sends nothing twice, and exits 1 saying it lost rows.
+The answers of its two requests in flight settle their `incierto` rows (same
+attempt: same claim token), as a replay from the outcome spool would."""
 
 from __future__ import annotations
 
@@ -103,18 +105,21 @@ def test_a_run_frozen_past_its_lease_writes_nothing_over_recovered_rows(db_url: 
             if frozen.poll() is None:
                 frozen.kill()
                 frozen.wait(timeout=10)
-        # The resumed run's conditional writes matched nothing: every row is as
-        # the recovery and the other run left it.
-        assert rows(db_url) == taken
-        assert states(db_url) == Counter({"enviado": 4, "incierto": 2})
+        # The resumed run wrote nothing over the rows the other run took; its
+        # two accepted answers settled the rows of their own attempt.
+        final = rows(db_url)
+        assert {i: final[i] for i in claimed} == {i: taken[i] for i in claimed}
         assert {taken[i]["error_codigo"] for i in in_flight} == {"run_died"}
-        assert scalar(db_url, "SELECT COUNT(*) FROM envios_whatsapp") == 4
+        assert {final[i]["estado"] for i in in_flight} == {"enviado"}
+        assert all(final[i]["proveedor_msg_id"] and final[i]["error_codigo"] is None for i in in_flight)
+        assert states(db_url) == Counter({"enviado": 6})
+        assert scalar(db_url, "SELECT COUNT(*) FROM envios_whatsapp") == 6
         assert scalar(db_url, "SELECT estado FROM ejecuciones WHERE id = :r", r=run_a) == "muerta"
         # Nothing was sent twice: the provider saw each job exactly once.
         assert Counter(e["job_id"] for e in server.ledger()) == Counter({str(i): 1 for i in ids})
         log = (tmp_path / "frozen.log").read_text()
         assert "declared dead" in log
-        assert "failed (exit 1): a recovery declared this run dead; it lost 6 row(s)" in log
-        assert "claimed 6, sent 0" in log and "released 0, lost 6" in log, log
+        assert "failed (exit 1): a recovery declared this run dead; it lost 4 row(s)" in log
+        assert "claimed 6, sent 2" in log and "released 0, lost 4" in log, log
     finally:
         server.stop()
