@@ -14,7 +14,7 @@ The points of one message's life, in order:
 after-claim    the claim transaction committed (rows are ``procesando``)
 after-fence    the fence committed (``enviando``); the request not started
 after-request  the request was written to the provider; its answer not read
-after-answer   the answer was read; its outcome not committed
+after-answer   the answer was read and written to the outcome spool; its outcome not committed
 after-record   the outcome committed
 =============  ===========================================================
 

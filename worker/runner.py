@@ -739,23 +739,25 @@ class Runner:
 
     def _record_group(self, attempts: list[Attempt]) -> list[bool]:
         """The answers completed meanwhile: to the spool (fsync'ed), then one transaction."""
-        if self.spool is None:
-            return self.repo.record(self.run_id, self.provider_name, attempts)
-        self.spool.append(
-            SpoolEntry(
-                a.row.id,
-                a.token,
-                self.run_id,
-                self.provider_name,
-                a.started_at,
-                a.latency_ms,
-                a.row.intentos,
-                a.outcome,
+        if self.spool is not None:
+            self.spool.append(
+                SpoolEntry(
+                    a.row.id,
+                    a.token,
+                    self.run_id,
+                    self.provider_name,
+                    a.started_at,
+                    a.latency_ms,
+                    a.row.intentos,
+                    a.outcome,
+                )
+                for a in attempts
             )
-            for a in attempts
-        )
+        for a in attempts:
+            crash_point("after-answer", a.row.id)  # test-only: answers read (and spooled), not recorded
         owned = self.repo.record(self.run_id, self.provider_name, attempts)
-        self.spool.recorded([(a.row.id, a.token) for a in attempts])
+        if self.spool is not None:
+            self.spool.recorded([(a.row.id, a.token) for a in attempts])
         return owned
 
     def _spool_not_sent(self, row: ClaimedRow, token: str) -> None:
@@ -855,7 +857,6 @@ class Runner:
             result = Ambiguous(text=f"provider raised {type(exc).__name__}")
         latency_ms = int((time.monotonic() - t0) * 1000)
         outcome = classify(result, row, self.policy, self.settings.pair_interval)
-        crash_point("after-answer", row.id)
         attempt = Attempt(row, token, outcome, started_at, latency_ms)
         try:
             owned = self._until_written("record", row.id, lambda: self._recorder(attempt))

@@ -56,7 +56,6 @@ def _zero_counts() -> dict[str, int]:
 
 def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[str, Any]:
     now = db.db_now(conn)
-    cutoff = now - dt.timedelta(seconds=settings.lease_seconds)
 
     sessions_q = sa.select(
         sesiones_envio.c.id, sesiones_envio.c.nombre, sesiones_envio.c.estado, sesiones_envio.c.creado_at
@@ -126,12 +125,16 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
             }
         )
 
-    open_runs = ejecuciones.c.finalizada_at.is_(None)
-    live_q = (
+    # Each run is judged by its own lease (as recovery judges it), not by this caller's setting.
+    open_runs = conn.execute(
         sa.select(ejecuciones)
-        .where(open_runs, ejecuciones.c.latido_at >= cutoff)
+        .where(ejecuciones.c.finalizada_at.is_(None))
         .order_by(ejecuciones.c.iniciada_at, ejecuciones.c.id)
-    )
+    ).all()
+
+    def alive(r: Any) -> bool:
+        return bool(r.latido_at >= now - dt.timedelta(seconds=float(r.lease_segundos)))
+
     live_runs = [
         {
             "id": int(r.id),
@@ -142,6 +145,7 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
             "started_at": _iso(r.iniciada_at),
             "heartbeat_at": _iso(r.latido_at),
             "heartbeat_age_seconds": _age(now, r.latido_at),
+            "lease_seconds": float(r.lease_segundos),
             "counts": {
                 "claimed": int(r.reclamados),
                 "sent": int(r.enviados),
@@ -150,11 +154,10 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
                 "retries": int(r.reintentos),
             },
         }
-        for r in conn.execute(live_q)
+        for r in open_runs
+        if alive(r)
     ]
-    dead_runs = conn.execute(
-        sa.select(sa.func.count()).select_from(ejecuciones).where(open_runs, ejecuciones.c.latido_at < cutoff)
-    ).scalar_one()
+    dead_runs = sum(1 for r in open_runs if not alive(r))
 
     return {
         "generated_at": _iso(now),

@@ -11,8 +11,9 @@ after-claim    ``procesando``, nothing sent                     ``pendiente``
 after-fence    ``enviando``, request not started (not sent)     ``incierto`` (recovery never
                                                                 returns enviando to pendiente)
 after-request  ``enviando``, request written, answer not read   ``incierto`` (accepted once)
-after-answer   ``enviando``, answer read, not recorded          ``enviado`` (outcome spool) or
-                                                                ``incierto`` (accepted once)
+after-answer   ``enviando``, answer read and spooled, not       ``incierto`` after recovery (accepted
+               recorded                                         once), ``enviado`` after the next run
+                                                                on that host replays the spool
 after-record   ``enviado``                                      ``enviado`` (accepted once)
 =============  ==============================================  ===========================
 
@@ -389,6 +390,17 @@ def check_after_drain(
                 check.fail(plan, f"row {row_id} went back to pendiente and then ended {after}, not enviado")
             elif before == "enviado" and after != "enviado":
                 check.fail(plan, f"row {row_id} was enviado and is now {after}")
+        # Its answer was in the outcome spool: the next run on that host settles it.
+        if (
+            plan.point == AFTER_ANSWER
+            and plan.crash_job is not None
+            and table[plan.crash_job]["estado"] != "enviado"
+        ):
+            check.fail(
+                plan,
+                f"row {plan.crash_job} was killed after its answer was spooled and is "
+                f"{table[plan.crash_job]['estado']} after the spool's replay, not enviado",
+            )
     return check
 
 

@@ -77,6 +77,7 @@ def _run(
             latido_at=beat,
             finalizada_at=finished,
             estado="activa" if finished is None else "terminada",
+            lease_segundos=LEASE,
             reclamados=10,
             enviados=7,
             errores=1,
@@ -221,3 +222,24 @@ def test_status_says_why_nothing_is_due_and_fits_80_columns(engine: sa.Engine, s
     wide.print(render(data, 200))
     text = wide.export_text()
     assert all(state in text for state in STATES) and "nothing due: session paused" in text
+
+
+def test_runs_are_judged_by_their_own_lease(engine: sa.Engine, settings: Settings) -> None:
+    now = _now(engine)
+    with engine.begin() as conn:
+        for host, lease in (("long-lease", 600.0), ("short-lease", 30.0)):
+            conn.execute(
+                ejecuciones.insert().values(
+                    host=host,
+                    pid=1,
+                    modo="run",
+                    iniciada_at=now - dt.timedelta(seconds=300),
+                    latido_at=now - dt.timedelta(seconds=100),
+                    estado="activa",
+                    lease_segundos=lease,
+                )
+            )
+    data = collect_status(engine, settings, None)  # this caller's lease is 60 s
+    assert [r["host"] for r in data["live_runs"]] == ["long-lease"]
+    assert data["live_runs"][0]["lease_seconds"] == 600.0
+    assert data["dead_runs"] == 1
