@@ -29,11 +29,14 @@ _RECEIPTS_ONLY = (
     "receipt_sweep",
     "opt_out_words",
 )
-_RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.flag and o.name not in (*_PRUNE_ONLY, *_RECEIPTS_ONLY))
+_ENQUEUE_ONLY = ("templates_file",)
+_RUN_OPTIONS = tuple(
+    o.name for o in OPTIONS if o.flag and o.name not in (*_PRUNE_ONLY, *_RECEIPTS_ONLY, *_ENQUEUE_ONLY)
+)
 _COMMON = ("log_format", "log_level")
 _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "run": _RUN_OPTIONS,
-    "enqueue": (*_COMMON, "default_region", "max_attempts"),
+    "enqueue": (*_COMMON, "default_region", "max_attempts", "templates_file"),
     "status": (*_COMMON, "lease_seconds", "lock_file", "receipt_window"),
     "audit": (*_COMMON, "receipt_window"),
     "requeue": _COMMON,
