@@ -3,6 +3,7 @@ still waiting (status, audit)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import getpass
 import json
@@ -244,3 +245,41 @@ def test_a_manual_settlement_is_not_a_second_acceptance(
     )
     code, report = _audit(db_url, tmp_path)
     assert code == 5 and report["accepted_more_than_once"] == [{"job": str(job), "accepted": 2}]
+
+
+def test_resolve_writes_nothing_when_a_row_is_settled_meanwhile(db_url: str, engine: sa.Engine) -> None:
+    """`resolve --id A --id B --sent`: both are incierto when resolve looks; a
+    receipt settles B before resolve writes. The conditional UPDATE does not
+    take B, so resolve refuses whole: A stays incierto, no ledger or journal row."""
+    from test_operator import Interleave
+
+    from worker import resolve
+    from worker.errors import UsageError
+
+    [a, b] = seed(db_url, 2)
+    execute(db_url, "UPDATE cola_envios SET estado = 'incierto'")
+    race = Interleave(
+        engine,
+        db_url,
+        ("UPDATE COLA_ENVIOS",),
+        "UPDATE cola_envios SET estado = 'enviado' WHERE id = :i AND estado = 'incierto'",
+        i=b,
+    )
+    args = argparse.Namespace(
+        ids=[a, b],
+        session=None,
+        sent=True,
+        provider_id=None,
+        reason=None,
+        by=None,
+        older_than_minutes=None,
+        error_code=None,
+    )
+    with pytest.raises(UsageError, match="changed state meanwhile; nothing written"):
+        resolve.resolve(engine, args)
+    race.finish()
+    assert race.committed_first
+    table = rows(db_url)
+    assert table[a]["estado"] == "incierto" and table[b]["estado"] == "enviado"
+    assert scalar(db_url, "SELECT COUNT(*) FROM intentos_envio") == 0
+    assert scalar(db_url, "SELECT COUNT(*) FROM envios_whatsapp") == 0
