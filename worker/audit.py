@@ -7,8 +7,10 @@ Over a window (default 24 h), it looks for:
 - inconsistencies: ``enviado`` rows without their ``envios_whatsapp`` row and
   the reverse, rows ``procesando``/``enviando`` owned by a run that is not live.
 
-Exit 5 when anything is found. ``incierto`` rows are reported, not failed on:
-they are waiting for an operator by design.
+Exit 5 when anything is found. ``incierto`` rows are reported (a count and
+the oldest few, with their age and error), not failed on: they are waiting for
+an operator by design. A row settled with ``resolve`` is no finding: its
+manual journal row (``origen='manual'``) is not a provider acceptance.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from worker.delivery import incierto_waiting
 from worker.errors import AuditFailed
 from worker.masking import mask_customer_id, mask_phone
 from worker.queue import RUN_ACTIVE
+from worker.resolve import incierto_lines, unresolved_incierto
 from worker.schema import (
     ENVIADO,
     ENVIANDO,
-    INCIERTO,
     PROCESANDO,
     cola_envios,
     ejecuciones,
@@ -45,6 +47,11 @@ w = envios_whatsapp.c
 i = intentos_envio.c
 
 
+# A manual settlement (``resolve --sent``) records a send that happened, or
+# not, elsewhere: it is not a second acceptance by the provider.
+_from_provider = sa.or_(i.origen.is_(None), i.origen != "manual")
+
+
 def run_audit(engine: Engine, hours: float, receipt_window: float = 3600.0) -> dict[str, Any]:
     with engine.connect() as conn:
         now = db.db_now(conn)
@@ -53,7 +60,7 @@ def run_audit(engine: Engine, hours: float, receipt_window: float = 3600.0) -> d
             {"job": str(r[0]), "accepted": int(r[1])}
             for r in conn.execute(
                 sa.select(i.cola_envio_id, sa.func.count())
-                .where(i.resultado == "accepted", i.inicio_at >= since)
+                .where(i.resultado == "accepted", _from_provider, i.inicio_at >= since)
                 .group_by(i.cola_envio_id)
                 .having(sa.func.count() > 1)
             )
@@ -86,11 +93,7 @@ def run_audit(engine: Engine, hours: float, receipt_window: float = 3600.0) -> d
                 )
             )
         ]
-        uncertain = int(
-            conn.execute(
-                sa.select(sa.func.count()).select_from(cola_envios).where(c.estado == INCIERTO)
-            ).scalar_one()
-        )
+        uncertain = unresolved_incierto(conn, now)
         # Reported, not a problem: no receipt settled them within the window.
         no_receipt = incierto_waiting(conn, now, receipt_window)
     problems = (
@@ -112,7 +115,8 @@ def run_audit(engine: Engine, hours: float, receipt_window: float = 3600.0) -> d
         "enviado_without_envios_whatsapp": sent_without_ledger,
         "envios_whatsapp_without_enviado": ledger_without_sent,
         "claimed_by_dead_runs": orphaned,
-        "incierto_waiting_for_operator": uncertain,
+        "incierto_waiting_for_operator": uncertain["count"],
+        "incierto_oldest": uncertain["oldest"],
         "incierto_without_receipt": no_receipt,
     }
 
@@ -166,6 +170,10 @@ def command_audit(args: argparse.Namespace, settings: Settings) -> int:
             for item in items[:20]:
                 print(f"    {item}")
         print(f"  incierto waiting for an operator: {report['incierto_waiting_for_operator']}")
+        for line in incierto_lines(
+            {"count": report["incierto_waiting_for_operator"], "oldest": report["incierto_oldest"]}
+        )[1:]:
+            print(f"  {line}")
         waiting = report["incierto_without_receipt"]
         print(f"  incierto with no receipt after {waiting['window_seconds']:g} s: {waiting['count']}")
         for row in waiting["rows"]:

@@ -29,15 +29,19 @@ _RECEIPTS_ONLY = (
     "receipt_sweep",
     "opt_out_words",
 )
-_RUN_OPTIONS = tuple(o.name for o in OPTIONS if o.flag and o.name not in (*_PRUNE_ONLY, *_RECEIPTS_ONLY))
+_ENQUEUE_ONLY = ("templates_file",)
+_RUN_OPTIONS = tuple(
+    o.name for o in OPTIONS if o.flag and o.name not in (*_PRUNE_ONLY, *_RECEIPTS_ONLY, *_ENQUEUE_ONLY)
+)
 _COMMON = ("log_format", "log_level")
 _COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "run": _RUN_OPTIONS,
-    "enqueue": (*_COMMON, "default_region", "max_attempts"),
+    "enqueue": (*_COMMON, "default_region", "max_attempts", "templates_file"),
     "status": (*_COMMON, "lease_seconds", "lock_file", "receipt_window"),
     "audit": (*_COMMON, "receipt_window"),
     "requeue": _COMMON,
     "cancel": _COMMON,
+    "resolve": _COMMON,
     "pause": _COMMON,
     "resume": _COMMON,
     "recover": (*_COMMON, "lease_seconds"),
@@ -152,6 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "requeue":
             p.add_argument("--accept-duplicate-risk", action="store_true", dest="accept_duplicate_risk")
         p.add_argument("--json", action="store_true")
+    p = add(
+        "resolve",
+        "settle incierto rows by hand: --sent records the send (nothing is sent), --not-sent requeues",
+    )
+    p.add_argument("--id", dest="ids", type=int, action="append", help="row id (repeatable)")
+    p.add_argument("--session", help="the session's incierto rows (narrow with the filters below)")
+    outcome = p.add_mutually_exclusive_group(required=True)
+    outcome.add_argument("--sent", action="store_true", help="the message was delivered: mark it enviado")
+    outcome.add_argument(
+        "--not-sent", action="store_false", dest="sent", help="it was not: back to pendiente, due now"
+    )
+    p.add_argument("--provider-id", dest="provider_id", help="with --sent: the provider's message id")
+    p.add_argument("--reason", help="why (kept in the journal with your user name)")
+    p.add_argument("--by", help="who decided, if not the OS user running this")
+    p.add_argument(
+        "--older-than-minutes",
+        type=float,
+        dest="older_than_minutes",
+        help="with --session: only rows incierto for at least M minutes",
+    )
+    p.add_argument("--error-code", dest="error_code", help="with --session: only rows with this error code")
+    p.add_argument("--json", action="store_true")
     for name, text in (("pause", "pause a session"), ("resume", "resume a paused session")):
         p = add(name, text)
         p.add_argument("--session", required=True)
@@ -335,6 +361,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "audit": _lazy("worker.audit", "command_audit"),
     "requeue": _lazy("worker.operator", "command_requeue"),
     "cancel": _lazy("worker.operator", "command_cancel"),
+    "resolve": _lazy("worker.resolve", "command_resolve"),
     "pause": _lazy("worker.operator", "command_pause"),
     "resume": _lazy("worker.operator", "command_resume"),
     "recover": _lazy("worker.operator", "command_recover"),

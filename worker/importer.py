@@ -37,6 +37,8 @@ from worker.errors import InputError, UsageError
 from worker.masking import mask_phone
 from worker.schema import CANCELADA, PENDIENTE, claves_podadas, cola_envios, sesiones_envio
 from worker.settings import Settings, load_settings
+from worker.templates import check as check_templates
+from worker.templates import load as load_templates
 
 logger = logging.getLogger(__name__)
 
@@ -710,8 +712,12 @@ def import_rows(
     Raises :class:`InvalidRowsError` (and writes nothing, not even the
     session) when a row is invalid, unless ``skip_invalid``."""
     session = check_session_name(session)
+    templates = load_templates(settings.templates_file) if settings.templates_file else None
     now = _db_call(lambda: _read_clock(engine))
     messages, invalid = validate_rows(rows, session=session, default_region=settings.default_region, now=now)
+    if templates is not None:
+        messages, unknown = check_templates(messages, templates)
+        invalid.extend(InvalidRow(*problem) for problem in unknown)
     messages, conflicts = _key_conflicts_within(messages)
     invalid = sorted([*read_errors, *invalid, *conflicts], key=lambda e: e.line)
     if invalid and not skip_invalid:

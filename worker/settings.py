@@ -121,6 +121,13 @@ OPTIONS: tuple[Option, ...] = (
         minimum=0,
     ),
     Option("default_region", "str", None, "region for numbers written without +country code (e.g. PE)"),
+    Option(
+        "templates_file",
+        "str",
+        None,
+        "enqueue: YAML or JSON file of the known templates (name, language, parameters); "
+        "unset: not checked before sending",
+    ),
     Option("log_format", "choice", "text", "log format", choices=("text", "json")),
     Option("log_level", "choice", "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("poll_interval", "float", 5.0, "--loop: seconds between polls of an empty queue", minimum=0.01),
@@ -223,6 +230,7 @@ class Settings:
     db_lock_timeout: float
     db_statement_timeout: float
     default_region: str | None
+    templates_file: str | None
     log_format: str
     log_level: str
     poll_interval: float

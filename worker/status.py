@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from worker import db
 from worker.delivery import incierto_waiting
 from worker.errors import InputError, UsageError
+from worker.resolve import incierto_lines, unresolved_incierto
 from worker.schema import (
     CANCELADA,
     PAUSADA,
@@ -174,6 +175,7 @@ def _collect(conn: Connection, settings: Settings, session: str | None) -> dict[
         "dead_runs": int(dead_runs),
         # incierto rows no delivery receipt settled within COLA_RECEIPT_WINDOW, with their age.
         "incierto_without_receipt": incierto_waiting(conn, now, settings.receipt_window),
+        "incierto": unresolved_incierto(conn, now, session_id=ids[0] if session is not None else None),
     }
 
 
@@ -406,7 +408,7 @@ def render(data: dict[str, Any], width: int = 160) -> Any:
 def _footer(data: dict[str, Any]) -> list[Any]:
     from rich.text import Text
 
-    parts: list[Any] = []
+    parts: list[Any] = [Text(line, style="yellow") for line in incierto_lines(data["incierto"])]
     dead = data["dead_runs"]
     if dead:
         parts.append(

@@ -89,7 +89,7 @@ def _findings_of_every_kind(url: str, tmp_path: Path) -> dict[str, int]:
         a=dup_a,
         b=dup_b,
     )
-    twice, no_ledger, not_sent = seed(url, 3, session="other", start=10)
+    twice, no_ledger, not_sent, settled = seed(url, 4, session="other", start=10)
     server = SandboxServer(SandboxOptions(port=0))
     server.start()
     try:
@@ -109,6 +109,12 @@ def _findings_of_every_kind(url: str, tmp_path: Path) -> dict[str, int]:
     )
     execute(url, "DELETE FROM envios_whatsapp WHERE cola_envio_id = :i", i=no_ledger)
     execute(url, "UPDATE cola_envios SET estado = 'error' WHERE id = :i", i=not_sent)
+    # A row the journal says was accepted but that ended incierto, settled by
+    # hand: the manual journal row is not a second acceptance.
+    execute(url, "DELETE FROM envios_whatsapp WHERE cola_envio_id = :i", i=settled)
+    execute(url, "UPDATE cola_envios SET estado = 'incierto' WHERE id = :i", i=settled)
+    resolved = run_worker(worker_env(url, tmp_path), "resolve", "--id", str(settled), "--sent")
+    assert resolved.returncode == 0, resolved.stderr
     # A row claimed by a run that does not exist, and two incierto rows.
     orphan, unsure_a, unsure_b = seed(url, 3, session="late", start=20)
     execute(url, "UPDATE cola_envios SET estado = 'procesando', ejecucion_id = 999 WHERE id = :i", i=orphan)
@@ -162,6 +168,7 @@ def test_plain_sql_audit_finds_what_the_command_finds(backend: str, tmp_path: Pa
         )
         assert [r["job"] for r in sql[CHECKS[5]]] == report["claimed_by_dead_runs"] == [str(ids["orphan"])]
         assert len(sql[CHECKS[6]]) == report["incierto_waiting_for_operator"] == 2
+        assert [r["job"] for r in sql[CHECKS[6]]] == [str(r["id"]) for r in report["incierto_oldest"]]
         assert all(int(r["age_seconds"]) >= 0 for r in sql[CHECKS[6]])
 
         # A clean database: every query returns nothing, as the command does.

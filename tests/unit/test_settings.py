@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from worker.cli import _PRUNE_ONLY, _RECEIPTS_ONLY, _RUN_OPTIONS, _flags, build_parser
+from worker.cli import _ENQUEUE_ONLY, _PRUNE_ONLY, _RECEIPTS_ONLY, _RUN_OPTIONS, _flags, build_parser
 from worker.errors import ConfigError
 from worker.settings import OPTIONS, OPTIONS_BY_NAME, Option, Settings, load_settings
 
@@ -67,6 +67,8 @@ def test_every_flag_has_its_environment_variable_and_flag_wins(opt: Option) -> N
     if opt.name in _RECEIPTS_ONLY:
         command = ["receipts"]
         flag = {"receipts_host": "--host", "receipts_port": "--port"}.get(opt.name, flag)
+    if opt.name in _ENQUEUE_ONLY:
+        command = ["enqueue", "--session", "s"]
     s = from_cli([*command, flag, flag_value], {opt.env: env_value})
     assert getattr(s, opt.name) == expected_flag
 
@@ -348,4 +350,6 @@ def test_run_help_names_every_variable_and_no_secret_value(tmp_path: Path) -> No
 
 
 def test_every_flagged_option_is_offered_by_run() -> None:
-    assert set(_RUN_OPTIONS) == {o.name for o in OPTIONS if o.flag} - set(_PRUNE_ONLY) - set(_RECEIPTS_ONLY)
+    assert set(_RUN_OPTIONS) == (
+        {o.name for o in OPTIONS if o.flag} - set(_PRUNE_ONLY) - set(_RECEIPTS_ONLY) - set(_ENQUEUE_ONLY)
+    )
