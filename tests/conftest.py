@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from support import ScratchDatabase
 
 from worker import db
+from worker.sandbox import SandboxOptions, SandboxServer
 
 REQUIRE_DB = os.environ.get("COLA_TEST_REQUIRE_DB") == "1"
 BACKENDS = ("sqlite", "mysql", "postgresql")
@@ -126,6 +127,17 @@ def sqlite_db_url(tmp_path: Path) -> str:
     finally:
         engine.dispose()
     return fresh.url
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    """The local fake provider (the Meta Cloud API shape), on a free port."""
+    server = SandboxServer(SandboxOptions(port=0))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

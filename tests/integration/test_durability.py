@@ -8,11 +8,10 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from support import rows, scalar, seed, states, worker_env
 
@@ -20,7 +19,7 @@ from worker import db
 from worker.providers.registry import build_provider
 from worker.queue import Attempt, QueueRepository
 from worker.runner import Runner, RunResult
-from worker.sandbox import SandboxOptions, SandboxServer
+from worker.sandbox import SandboxServer
 from worker.settings import load_settings
 from worker.spool import OutcomeSpool, spool_path
 
@@ -67,16 +66,6 @@ class FlakyRepo(QueueRepository):
         if fault == "after":
             raise _lost_connection()
         return result
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    server = SandboxServer(SandboxOptions(port=0))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _run(

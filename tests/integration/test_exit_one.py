@@ -8,13 +8,12 @@ from __future__ import annotations
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import execute, phone, rows, run_worker, scalar, seed, worker_env
 
-from worker.sandbox import SandboxOptions, SandboxServer
+from worker.sandbox import SandboxServer
 
 PLUGIN = textwrap.dedent(
     """
@@ -47,16 +46,6 @@ PLUGIN = textwrap.dedent(
         return Raising(inner, os.environ["RAISING_RECIPIENT"])
     """
 )
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    server = SandboxServer(SandboxOptions(port=0))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _ledger(server: SandboxServer) -> Counter[str]:

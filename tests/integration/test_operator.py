@@ -7,7 +7,6 @@ import argparse
 import json
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from support import execute, phone, rows, run_worker, scalar, seed, states, work
 
 from worker import db, operator
 from worker.errors import UsageError
-from worker.sandbox import SandboxOptions, SandboxServer
+from worker.sandbox import SandboxServer
 from worker.schema import ACTIVA, PAUSADA
 
 
@@ -297,16 +296,6 @@ def test_requeue_and_cancel_that_match_nothing_say_why(sqlite_db_url: str, tmp_p
 # --- prune never loses a promise -------------------------------------------------
 
 OLD = "2020-01-01 00:00:00"
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    server = SandboxServer(SandboxOptions(port=0))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:

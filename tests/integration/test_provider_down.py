@@ -6,13 +6,12 @@ log line."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import free_port, phone, rows, run_worker, scalar, seed, states, worker_env
 
-from worker.sandbox import SandboxOptions, SandboxServer
+from worker.sandbox import SandboxServer
 
 
 @pytest.fixture
@@ -22,16 +21,6 @@ def closed_port() -> int:
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
     return port
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    server = SandboxServer(SandboxOptions(port=0))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_provider_down_stops_the_run_with_exit_6_and_spends_nothing(

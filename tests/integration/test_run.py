@@ -7,7 +7,6 @@ import datetime as dt
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,6 @@ from support import (
 
 from worker import db
 from worker.sandbox import SandboxOptions, SandboxServer
-
-
-@pytest.fixture
-def sandbox() -> Iterator[SandboxServer]:
-    server = SandboxServer(SandboxOptions(port=0))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def make_sandbox(**options: object) -> SandboxServer:
