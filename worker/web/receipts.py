@@ -283,23 +283,36 @@ class ReceiptsRoutes:
         return self._refuse("meta", "bad_signature", 403, "verification refused")
 
     async def meta(self, request: web.Request) -> web.Response:
-        secret = self.settings.meta_app_secret
+        return await self._signed_json(
+            request, "meta", self.settings.meta_app_secret, "COLA_META_APP_SECRET", META_HEADER, parse_meta
+        )
+
+    async def _signed_json(
+        self,
+        request: web.Request,
+        provider: str,
+        secret: str | None,
+        secret_name: str,
+        header_name: str,
+        parse: Callable[[Any], tuple[list[StatusEvent], list[InboundMessage], int]],
+    ) -> web.Response:
+        """A JSON callback signed with HMAC-SHA256 of its raw body (Meta, the webhook provider)."""
         if not secret:
-            return self._refuse("meta", "not_configured", 404, "COLA_META_APP_SECRET is not set")
-        body = await self._body(request, "meta", JSON)
+            return self._refuse(provider, "not_configured", 404, f"{secret_name} is not set")
+        body = await self._body(request, provider, JSON)
         if isinstance(body, web.Response):
             return body
-        header = request.headers.get(META_HEADER)
+        header = request.headers.get(header_name)
         if not header:
-            return self._refuse("meta", "unsigned", 401, f"{META_HEADER} is missing")
+            return self._refuse(provider, "unsigned", 401, f"{header_name} is missing")
         if not verify_hmac_sha256(secret, body, header):
-            return self._refuse("meta", "bad_signature", 403, f"{META_HEADER} does not match")
+            return self._refuse(provider, "bad_signature", 403, f"{header_name} does not match")
         try:
-            statuses, inbound, malformed = parse_meta(_json(body))
+            statuses, inbound, malformed = parse(_json(body))
         except BadInput as exc:
-            return self._refuse("meta", "bad_body", 400, str(exc))
-        self.metrics.malformed.labels("meta").inc(malformed)
-        return await self._store("meta", statuses, inbound)
+            return self._refuse(provider, "bad_body", 400, str(exc))
+        self.metrics.malformed.labels(provider).inc(malformed)
+        return await self._store(provider, statuses, inbound)
 
     # -- Twilio ----------------------------------------------------------------
 
@@ -334,23 +347,14 @@ class ReceiptsRoutes:
     # -- the webhook provider --------------------------------------------------
 
     async def webhook(self, request: web.Request) -> web.Response:
-        secret = self.settings.webhook_secret
-        if not secret:
-            return self._refuse("webhook", "not_configured", 404, "COLA_WEBHOOK_SECRET is not set")
-        body = await self._body(request, "webhook", JSON)
-        if isinstance(body, web.Response):
-            return body
-        header = request.headers.get(WEBHOOK_HEADER)
-        if not header:
-            return self._refuse("webhook", "unsigned", 401, f"{WEBHOOK_HEADER} is missing")
-        if not verify_hmac_sha256(secret, body, header):
-            return self._refuse("webhook", "bad_signature", 403, f"{WEBHOOK_HEADER} does not match")
-        try:
-            statuses, inbound, malformed = parse_webhook(_json(body))
-        except BadInput as exc:
-            return self._refuse("webhook", "bad_body", 400, str(exc))
-        self.metrics.malformed.labels("webhook").inc(malformed)
-        return await self._store("webhook", statuses, inbound)
+        return await self._signed_json(
+            request,
+            "webhook",
+            self.settings.webhook_secret,
+            "COLA_WEBHOOK_SECRET",
+            WEBHOOK_HEADER,
+            parse_webhook,
+        )
 
 
 def verify_token_matches(expected: str, given: str) -> bool:
