@@ -162,7 +162,9 @@ class OutcomeSpool:
                     break
                 chunks.append(chunk)
         entries: dict[tuple[int, str], SpoolEntry] = {}
-        for n, raw in enumerate(b"".join(chunks).decode("utf-8", "replace").splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() would also split an entry whose
+        # provider text holds U+2028, U+2029 or U+0085 (json.dumps leaves them as they are).
+        for n, raw in enumerate(b"".join(chunks).decode("utf-8", "replace").split("\n"), start=1):
             if not raw.strip():
                 continue
             try:

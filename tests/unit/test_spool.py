@@ -90,3 +90,23 @@ def test_a_symlinked_spool_is_refused(tmp_path: Path) -> None:
     link.symlink_to(target)
     with pytest.raises(ConfigError, match="symbolic link"):
         OutcomeSpool(str(link))
+
+
+def test_an_entry_whose_text_holds_unicode_line_separators_is_read_back(tmp_path: Path) -> None:
+    # A provider's error text may carry U+2028, U+2029 or U+0085: they must not
+    # split the entry (str.splitlines would), or the row would end incierto.
+    text = "invalid parameter\u2028second line\u2029third\x85fourth"
+    outcome = Outcome("error", "permanent", True, code="131009", text=text, http_status=400)
+    path = str(tmp_path / "run.lock.spool")
+    sp = OutcomeSpool(path)
+    try:
+        sp.append([SpoolEntry(5, "tok", 7, "meta", T0, 42, 1, outcome), _entry(6)])
+    finally:
+        sp.close()
+    again = OutcomeSpool(path)
+    try:
+        read = {e.job_id: e for e in again.pending()}
+        assert sorted(read) == [5, 6]
+        assert read[5].outcome.text == text
+    finally:
+        again.close()
