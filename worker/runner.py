@@ -258,9 +258,11 @@ class WriteWatch:
                     self._since = self._clock()
 
     def stalled_for(self) -> float:
-        """Seconds without a successful write while at least one is awaited (else 0)."""
+        """Seconds without a successful write while at least one is awaited, or
+        since the first of the failed tries of a write whose retry is pausing
+        between tries (else 0)."""
         with self._lock:
-            return self._clock() - self._since if self._waiting else 0.0
+            return self._clock() - self._since if self._waiting or self._failing else 0.0
 
     def waiting_count(self) -> int:
         with self._lock:

@@ -160,3 +160,15 @@ def test_a_timeout_that_reaches_the_user_says_what_to_do(error: sa_exc.Operation
     translated = db.translate_error(error)
     assert isinstance(translated, ColaError) and translated.exit_code == 1
     assert "COLA_DB_LOCK_TIMEOUT" in str(translated) and "driver error" in str(translated)
+
+
+def test_the_pause_between_failed_tries_is_still_a_stall() -> None:
+    # A write failed and its retry is sleeping in its backoff: nothing is awaited
+    # right now, but nothing has succeeded either, so the heartbeat stays withheld.
+    clock = Clock()
+    watch = WriteWatch(clock)
+    with pytest.raises(TimeoutError), watch.waiting():
+        clock.now += 5
+        raise TimeoutError("lock wait timeout")
+    clock.now += 2
+    assert watch.stalled_for() == 7
