@@ -96,6 +96,10 @@ def test_compose_services_healthcheck_volumes_commands_and_variables() -> None:
     worker = services["worker"]
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert "./data:/data:ro" in worker["volumes"]
+    # The outcome spool lives beside the lock file: it must outlive the container.
+    lock_dir = str(Path(re.search(r"COLA_LOCK_FILE=(\S+)", DOCKERFILE).group(1)).parent)  # type: ignore[union-attr]
+    [state] = [v for v in worker["volumes"] if v.split(":")[1] == lock_dir]
+    assert state.split(":")[0] in COMPOSE["volumes"]
     grace = int(str(worker["stop_grace_period"]).rstrip("s"))
     assert grace > 5 + 30  # connect + read timeout of the request in flight, with a margin
 
