@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--not-sent", action="store_false", dest="sent", help="it was not: back to pendiente, due now"
     )
     p.add_argument("--provider-id", dest="provider_id", help="with --sent: the provider's message id")
+    p.add_argument(
+        "--accept-duplicate-risk",
+        action="store_true",
+        dest="accept_duplicate_risk",
+        help="with --not-sent: also rows a dying run left incierto (they may have been delivered)",
+    )
     p.add_argument("--reason", help="why (kept in the journal with your user name)")
     p.add_argument("--by", help="who decided, if not the OS user running this")
     p.add_argument(

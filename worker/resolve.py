@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import db
 from worker.errors import UsageError
+from worker.queue import RUN_DIED
 from worker.schema import ENVIADO, INCIERTO, PENDIENTE, cola_envios, envios_whatsapp, intentos_envio
 from worker.settings import Settings
 
@@ -123,7 +124,7 @@ def _named_rows(conn: Connection, args: argparse.Namespace, now: dt.datetime) ->
         if sid is None:
             raise UsageError(f"--session: no session named {args.session!r}")
         cond = sa.and_(cond, c.sesion_id == sid)
-    cols = (c.id, c.estado, c.sesion_id, c.cliente_id, c.telefono, c.proveedor)
+    cols = (c.id, c.estado, c.sesion_id, c.cliente_id, c.telefono, c.proveedor, c.error_codigo)
     if args.ids:
         ids = list(dict.fromkeys(args.ids))
         found = {int(r.id): r for r in conn.execute(sa.select(*cols).where(c.id.in_(ids)))}
@@ -172,6 +173,17 @@ def resolve(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         now = db.db_now(conn)
         named = _named_rows(conn, args, now)
         ids = [int(r.id) for r in named]
+        died = [int(r.id) for r in named if r.error_codigo == RUN_DIED]
+        if not args.sent and died and not getattr(args, "accept_duplicate_risk", False):
+            # The provider may have accepted it, and the answer may still sit in the
+            # outcome spool of the dead run's host (replayed by that host's next run).
+            raise UsageError(
+                f"row(s) {', '.join(map(str, died))} were left incierto by a run that died with the "
+                "request on the wire: the provider may have accepted them, and the answer may still be "
+                "in that host's outcome spool (its next run replays it). Check with the provider, or "
+                "wait for that host's next run; --not-sent sends them again only with "
+                "--accept-duplicate-risk. Nothing written"
+            )
         common = {"claim_token": None, "ejecucion_id": None, "actualizado_at": now}
         if args.sent:
             values = {

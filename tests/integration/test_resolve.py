@@ -283,3 +283,35 @@ def test_resolve_writes_nothing_when_a_row_is_settled_meanwhile(db_url: str, eng
     assert table[a]["estado"] == "incierto" and table[b]["estado"] == "enviado"
     assert scalar(db_url, "SELECT COUNT(*) FROM intentos_envio") == 0
     assert scalar(db_url, "SELECT COUNT(*) FROM envios_whatsapp") == 0
+
+
+def test_not_sent_refuses_rows_a_dying_run_left_without_the_duplicate_risk_flag(
+    db_url: str, tmp_path: Path
+) -> None:
+    # A run died with the request on the wire: recovery made the row incierto
+    # (run_died). Its answer may be in that host's outcome spool: `--not-sent`
+    # would send it again, so it needs the explicit flag.
+    [died, reset] = seed(db_url, 2)
+    execute(
+        db_url,
+        "UPDATE cola_envios SET estado = 'incierto', error_codigo = 'run_died', intentos = 1 WHERE id = :i",
+        i=died,
+    )
+    execute(db_url, "UPDATE cola_envios SET estado = 'incierto', intentos = 1 WHERE id = :i", i=reset)
+    env = worker_env(db_url, tmp_path)
+    refused = run_worker(env, "resolve", "--id", str(died), "--id", str(reset), "--not-sent")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert str(died) in refused.stderr and "--accept-duplicate-risk" in refused.stderr
+    assert states(db_url) == Counter({"incierto": 2})  # nothing written, not even the other row
+    assert run_worker(env, "resolve", "--id", str(died), "--sent").returncode == 0  # settling as sent is safe
+    allowed = run_worker(env, "resolve", "--id", str(reset), "--not-sent")
+    assert allowed.returncode == 0, allowed.stderr
+    [other] = seed(db_url, 1, session="s2", start=5)
+    execute(
+        db_url,
+        "UPDATE cola_envios SET estado = 'incierto', error_codigo = 'run_died' WHERE id = :i",
+        i=other,
+    )
+    forced = run_worker(env, "resolve", "--id", str(other), "--not-sent", "--accept-duplicate-risk")
+    assert forced.returncode == 0, forced.stderr
+    assert rows(db_url)[other]["estado"] == "pendiente"
