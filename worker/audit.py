@@ -50,6 +50,12 @@ i = intentos_envio.c
 # A manual settlement (``resolve --sent``) records a send that happened, or
 # not, elsewhere: it is not a second acceptance by the provider.
 _from_provider = sa.or_(i.origen.is_(None), i.origen != "manual")
+# Distinct provider message ids: one acceptance journaled twice (a delivery
+# receipt settled the row, then the outcome spool replayed the same answer) is
+# one send; a journal row without an id counts on its own.
+_acceptances = sa.func.count(
+    sa.distinct(sa.func.coalesce(i.proveedor_msg_id, sa.literal("journal ") + sa.cast(i.id, sa.String)))
+)
 
 
 def run_audit(engine: Engine, hours: float, receipt_window: float = 3600.0) -> dict[str, Any]:
@@ -59,10 +65,10 @@ def run_audit(engine: Engine, hours: float, receipt_window: float = 3600.0) -> d
         accepted_twice = [
             {"job": str(r[0]), "accepted": int(r[1])}
             for r in conn.execute(
-                sa.select(i.cola_envio_id, sa.func.count())
+                sa.select(i.cola_envio_id, _acceptances)
                 .where(i.resultado == "accepted", _from_provider, i.inicio_at >= since)
                 .group_by(i.cola_envio_id)
-                .having(sa.func.count() > 1)
+                .having(_acceptances > 1)
             )
         ]
         by_customer = _same_content_twice(conn, engine, w.cliente_id, "cliente_id", mask_customer_id, since)

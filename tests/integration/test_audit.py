@@ -63,3 +63,23 @@ def test_a_job_accepted_twice_and_inconsistencies_are_found(db_url: str, tmp_pat
     assert code == 5
     assert report["accepted_more_than_once"] == [{"job": str(sent), "accepted": 2}]
     assert report["enviado_without_envios_whatsapp"] == [str(never)]
+
+
+def test_one_acceptance_journaled_twice_is_not_a_duplicate(db_url: str, tmp_path: Path) -> None:
+    # A delivery receipt settled an incierto row, then the outcome spool replayed the
+    # same answer: two 'accepted' journal rows with one provider message id. One send.
+    [job, twice] = seed(db_url, 2)
+    _send_all(db_url, tmp_path)
+    for row in (job, twice):
+        execute(
+            db_url,
+            "INSERT INTO intentos_envio (cola_envio_id, ejecucion_id, inicio_at, fin_at, resultado, "
+            "proveedor_msg_id, origen) SELECT cola_envio_id, ejecucion_id, inicio_at, fin_at, resultado, "
+            + ("proveedor_msg_id" if row == job else "'wamid.another'")
+            + ", 'receipt' FROM intentos_envio WHERE cola_envio_id = :i",
+            i=row,
+        )
+    code, report = _audit(db_url, tmp_path)
+    # The same message id twice is one acceptance; another message id is a second send.
+    assert report["accepted_more_than_once"] == [{"job": str(twice), "accepted": 2}], report
+    assert code == 5

@@ -107,6 +107,15 @@ def _findings_of_every_kind(url: str, tmp_path: Path) -> dict[str, int]:
         "WHERE cola_envio_id = :i",
         i=twice,
     )
+    # One acceptance journaled twice (a receipt, then a replayed answer: the same
+    # message id) is one send: no finding.
+    execute(
+        url,
+        "INSERT INTO intentos_envio (cola_envio_id, ejecucion_id, inicio_at, fin_at, resultado, "
+        "proveedor_msg_id, origen) SELECT cola_envio_id, ejecucion_id, inicio_at, fin_at, resultado, "
+        "proveedor_msg_id, 'receipt' FROM intentos_envio WHERE cola_envio_id = :i",
+        i=dup_a,
+    )
     execute(url, "DELETE FROM envios_whatsapp WHERE cola_envio_id = :i", i=no_ledger)
     execute(url, "UPDATE cola_envios SET estado = 'error' WHERE id = :i", i=not_sent)
     # A row the journal says was accepted but that ended incierto, settled by
