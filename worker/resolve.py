@@ -72,6 +72,8 @@ def unresolved_incierto(
 
 def incierto_lines(data: dict[str, Any]) -> list[str]:
     """Text lines for ``unresolved_incierto``'s result (empty when there is none)."""
+    from worker.status import fmt_age  # status renders these lines (and imports this module)
+
     if not data["count"]:
         return []
     shown = len(data["oldest"])
@@ -81,18 +83,8 @@ def incierto_lines(data: dict[str, Any]) -> list[str]:
         why = r["error_code"] or "?"
         if r["error_text"]:
             why += f": {r['error_text'][:80]}"
-        lines.append(f"  id {r['id']} (session {r['session_id']}) for {_fmt_age(r['age_seconds'])}: {why}")
+        lines.append(f"  id {r['id']} (session {r['session_id']}) for {fmt_age(r['age_seconds'])}: {why}")
     return lines
-
-
-def _fmt_age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def _note(args: argparse.Namespace) -> str:

@@ -191,7 +191,7 @@ def _not_due_reason(
     if session_state == CANCELADA:
         return "session cancelled"
     if due_now == 0 and next_due is not None:
-        return f"scheduled later: next in {_fmt_age((next_due - now).total_seconds())}"
+        return f"scheduled later: next in {fmt_age((next_due - now).total_seconds())}"
     return None
 
 
@@ -233,7 +233,8 @@ def collect_status(
 # --- rendering --------------------------------------------------------------
 
 
-def _fmt_age(seconds: float | None) -> str:
+def fmt_age(seconds: float | None) -> str:
+    """``75`` -> ``75s``, ``4000`` -> ``66m40s``, then hours and days; ``None`` -> ``-``."""
     if seconds is None:
         return "-"
     s = int(seconds)
@@ -276,7 +277,7 @@ def _compact_sessions(data: dict[str, Any]) -> Any:
             *(str(s["counts"][state]) for state in COMPACT_STATES),
             other(s["counts"]),
             str(s["due_now"]),
-            _fmt_age(s["oldest_due_age_seconds"]),
+            fmt_age(s["oldest_due_age_seconds"]),
         )
     t = data["totals"]
     table.add_section()
@@ -285,7 +286,7 @@ def _compact_sessions(data: dict[str, Any]) -> Any:
         *(str(t["counts"][state]) for state in COMPACT_STATES),
         other(t["counts"]),
         str(t["due_now"]),
-        _fmt_age(t["oldest_due_age_seconds"]),
+        fmt_age(t["oldest_due_age_seconds"]),
     )
     return table
 
@@ -308,7 +309,7 @@ def _compact_runs(data: dict[str, Any]) -> Any:
             str(r["id"]),
             r["host"][:16],
             str(r["pid"]),
-            _fmt_age(r["heartbeat_age_seconds"]),
+            fmt_age(r["heartbeat_age_seconds"]),
             str(c["claimed"]),
             str(c["sent"]),
             str(c["errors"]),
@@ -353,8 +354,8 @@ def render(data: dict[str, Any], width: int = 160) -> Any:
             s["state"],
             *(str(s["counts"][state]) for state in STATES),
             str(s["due_now"]),
-            _fmt_age(s["oldest_pending_age_seconds"]),
-            _fmt_age(s["oldest_due_age_seconds"]),
+            fmt_age(s["oldest_pending_age_seconds"]),
+            fmt_age(s["oldest_due_age_seconds"]),
         )
     t = data["totals"]
     sessions.add_section()
@@ -364,8 +365,8 @@ def render(data: dict[str, Any], width: int = 160) -> Any:
         "",
         *(str(t["counts"][state]) for state in STATES),
         str(t["due_now"]),
-        _fmt_age(t["oldest_pending_age_seconds"]),
-        _fmt_age(t["oldest_due_age_seconds"]),
+        fmt_age(t["oldest_pending_age_seconds"]),
+        fmt_age(t["oldest_due_age_seconds"]),
     )
 
     runs = Table(title=f"live runs (heartbeat within {data['lease_seconds']:g}s)", title_justify="left")
@@ -390,7 +391,7 @@ def render(data: dict[str, Any], width: int = 160) -> Any:
             str(r["pid"]),
             r["mode"],
             r["started_at"],
-            _fmt_age(r["heartbeat_age_seconds"]),
+            fmt_age(r["heartbeat_age_seconds"]),
             str(c["claimed"]),
             str(c["sent"]),
             str(c["errors"]),
@@ -422,11 +423,11 @@ def _footer(data: dict[str, Any]) -> list[Any]:
         parts.append(Text("dead runs: 0"))
     waiting = data.get("incierto_without_receipt")
     if waiting and waiting["count"]:
-        ages = ", ".join(f"#{r['id']} {_fmt_age(r['age_seconds'])}" for r in waiting["rows"][:5])
+        ages = ", ".join(f"#{r['id']} {fmt_age(r['age_seconds'])}" for r in waiting["rows"][:5])
         parts.append(
             Text(
-                f"incierto with no receipt after {_fmt_age(waiting['window_seconds'])}: {waiting['count']} "
-                f"(oldest {_fmt_age(waiting['oldest_age_seconds'])}; {ages})",
+                f"incierto with no receipt after {fmt_age(waiting['window_seconds'])}: {waiting['count']} "
+                f"(oldest {fmt_age(waiting['oldest_age_seconds'])}; {ages})",
                 style="yellow",
             )
         )
