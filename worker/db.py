@@ -37,8 +37,8 @@ _DRIVERS = {
 
 # MySQL/MariaDB: deadlock, lock wait timeout, MariaDB's "record has changed",
 # statement time limit (MariaDB max_statement_time, MySQL max_execution_time).
-_MYSQL_TRANSIENT = {1213, 1205, 1020, 1969, 3024}
 _MYSQL_TIMEOUT = {1205, 1969, 3024}
+_MYSQL_TRANSIENT = {1213, 1020} | _MYSQL_TIMEOUT
 _MYSQL_UNREACHABLE = {2002, 2003, 2005, 2006, 2013, 2055}
 _MYSQL_DENIED = {1045, 1698}
 _MYSQL_DB_ACCESS_DENIED = 1044
@@ -48,8 +48,8 @@ _PG_NO_DATABASE = re.compile(r'database "[^"]*" does not exist')
 _PG_NO_ROLE = re.compile(r'role "[^"]*" does not exist')
 # PostgreSQL: deadlock_detected, serialization_failure, lock_not_available
 # (lock_timeout), query_canceled (statement_timeout).
-_PG_TRANSIENT = {"40P01", "40001", "55P03", "57014"}
 _PG_TIMEOUT = {"55P03", "57014"}
+_PG_TRANSIENT = {"40P01", "40001"} | _PG_TIMEOUT
 # A timeout has already waited its whole limit: one more try, not eight.
 TIMEOUT_TRIES = 2
 
