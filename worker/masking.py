@@ -5,6 +5,8 @@ Standard library only, so any module (the run, enqueue, the lock fast path) may 
 
 from __future__ import annotations
 
+import re
+
 _KEEP_HEAD = 3
 _KEEP_TAIL = 4
 
@@ -28,3 +30,21 @@ def mask_customer_id(customer_id: str | None) -> str:
     if digits.isdigit() and len(digits) >= 7:
         return mask_phone(customer_id)
     return customer_id
+
+
+# A run of digits that may be a phone number inside free text (provider error texts).
+_PHONE_LIKE = re.compile(r"\+?\d[\d ()-]{5,}\d")
+
+
+def mask_phones_in(text: str) -> str:
+    """Mask what looks like a phone number in free text (a provider may echo the
+    recipient in an error text): 9+ digits, or 7+ after a ``+``."""
+
+    def mask(match: re.Match[str]) -> str:
+        compact = re.sub(r"[ ()-]", "", match.group(0))
+        digits = len(compact.lstrip("+"))
+        if digits >= 9 or (compact.startswith("+") and digits >= 7):
+            return mask_phone(compact)
+        return match.group(0)
+
+    return _PHONE_LIKE.sub(mask, text)

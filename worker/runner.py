@@ -15,7 +15,6 @@ import logging
 import os
 import queue
 import random
-import re
 import signal
 import socket
 import threading
@@ -33,7 +32,7 @@ from worker import db
 from worker.errors import ConfigError, ProviderUnreachable, SenderBlockedError, UsageError
 from worker.faults import crash_point
 from worker.limits import PairGate, RateLimiter
-from worker.masking import mask_customer_id, mask_phone
+from worker.masking import mask_customer_id, mask_phone, mask_phones_in
 from worker.providers.base import (
     Accepted,
     Ambiguous,
@@ -153,7 +152,6 @@ def classify(result: SendResult, row: ClaimedRow, policy: RetryPolicy, pair_inte
     )
 
 
-_PHONE_LIKE = re.compile(r"\+?\d[\d ()-]{5,}\d")
 _REASON_LEN = 160
 
 
@@ -161,20 +159,12 @@ def outcome_reason(outcome: Outcome) -> str:
     """The provider's code and text for a log line: clipped, phone numbers masked
     (a provider may echo the recipient in its error text)."""
     text = " ".join((outcome.text or "").split())
-    text = _PHONE_LIKE.sub(_mask_phone_like, text)
+    text = mask_phones_in(text)
     if len(text) > _REASON_LEN:
         text = text[: _REASON_LEN - 3] + "..."
     if outcome.code and text and not text.startswith(outcome.code):
         return f"{outcome.code} {text}"
     return outcome.code or text
-
-
-def _mask_phone_like(match: re.Match[str]) -> str:
-    compact = re.sub(r"[ ()-]", "", match.group(0))
-    digits = len(compact.lstrip("+"))
-    if digits >= 9 or (compact.startswith("+") and digits >= 7):
-        return mask_phone(compact)
-    return match.group(0)
 
 
 def outcome_label(outcome: Outcome) -> str:
