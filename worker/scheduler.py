@@ -52,36 +52,26 @@ def next_boundary(now: float, every: float) -> float:
 
 
 class Scheduler:
+    """Runs in the main thread, where Python also runs the signal handler: the
+    handler only records the stop (it may interrupt a ``Popen`` half done), and
+    the loop forwards it to the child."""
+
     def __init__(self, every: float, run_args: Sequence[str]) -> None:
         self.every = every
         self.run_args = list(run_args)
         self.stopping = threading.Event()
+        self.stop_signal = signal.SIGTERM
         self.child: subprocess.Popen[bytes] | None = None
         self.last_code = 0
-        self._lock = threading.Lock()
 
     def forward(self, signum: int, _frame: FrameType | None = None) -> None:
-        """SIGTERM/SIGINT: schedule nothing more; the running child drains."""
+        """SIGTERM/SIGINT: schedule nothing more; the loop tells the running child to drain."""
+        self.stop_signal = signal.Signals(signum)
         self.stopping.set()
-        with self._lock:
-            child = self.child
-        if child is not None and child.poll() is None:
-            logger.info(
-                "schedule: %s received, forwarded to run pid %s as SIGTERM (it drains, then exits)",
-                signal.Signals(signum).name,
-                child.pid,
-                extra={"action": "schedule_stop"},
-            )
-            # Always SIGTERM: a run that is still starting (no handler yet, so
-            # nothing claimed) just ends, where SIGINT would raise in its imports.
-            child.send_signal(signal.SIGTERM)
-        else:
-            logger.info("schedule: %s received, no run in progress", signal.Signals(signum).name)
 
     def _reap(self) -> bool:
         """True when no child is running (collecting the exit code of one that ended)."""
-        with self._lock:
-            child = self.child
+        child = self.child
         if child is None:
             return True
         code = child.poll()
@@ -92,19 +82,14 @@ class Scheduler:
         log(
             "schedule: run pid %s exited %s", child.pid, code, extra={"action": "schedule_exit", "code": code}
         )
-        with self._lock:
-            self.child = None
+        self.child = None
         return True
 
     def _start(self) -> None:
-        with self._lock:
-            if self.stopping.is_set():
-                return
-            # The run's log lines (stderr) join the scheduler's on stdout: one
-            # stream for `docker logs` and log collectors.
-            self.child = subprocess.Popen(_child_command(["run", *self.run_args]), stderr=subprocess.STDOUT)
-            pid = self.child.pid
-        logger.info("schedule: started run pid %s", pid, extra={"action": "schedule_start"})
+        # The run's log lines (stderr) join the scheduler's on stdout: one
+        # stream for `docker logs` and log collectors.
+        self.child = subprocess.Popen(_child_command(["run", *self.run_args]), stderr=subprocess.STDOUT)
+        logger.info("schedule: started run pid %s", self.child.pid, extra={"action": "schedule_start"})
 
     def loop(self) -> int:
         due = time.time()  # the first run starts at once
@@ -122,18 +107,29 @@ class Scheduler:
             else:
                 self._reap()
             self.stopping.wait(min(1.0, max(0.01, due - time.time())))
-        with self._lock:
-            child = self.child
-        if child is not None:
-            code = child.wait()
+        name = signal.Signals(self.stop_signal).name
+        child = self.child
+        if child is None or child.poll() is not None:
+            logger.info("schedule: %s received, no run in progress", name)
             self._reap()
-            if code == -signal.SIGTERM:
-                # Killed by the forwarded signal before its handler was in place,
-                # that is before it claimed anything: a clean stop.
-                logger.info("schedule: the run stopped before it claimed anything")
-                return 0
-            return code
-        return 0
+            return 0
+        logger.info(
+            "schedule: %s received, forwarded to run pid %s as SIGTERM (it drains, then exits)",
+            name,
+            child.pid,
+            extra={"action": "schedule_stop"},
+        )
+        # Always SIGTERM: a run that is still starting (no handler yet, so
+        # nothing claimed) just ends, where SIGINT would raise in its imports.
+        child.send_signal(signal.SIGTERM)
+        code = child.wait()
+        self._reap()
+        if code == -signal.SIGTERM:
+            # Killed by the forwarded signal before its handler was in place,
+            # that is before it claimed anything: a clean stop.
+            logger.info("schedule: the run stopped before it claimed anything")
+            return 0
+        return code
 
 
 def command_schedule(argv: Sequence[str]) -> int:
